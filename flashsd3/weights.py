@@ -77,7 +77,10 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def resolve(our_keys: Iterable[str], table: Iterable[Rule]) -> dict[str, tuple[tuple[str, ...], str | None]]:
-    """For every key of ours: (source keys, transform name). Raises if a key has no rule or two."""
+    """For every key of ours: (source keys, transform name). Raises if a key has no rule or two.
+
+    A literal rule (no `{i}`) takes precedence over a templated one that matches the same key.
+    """
     compiled = [(_pattern(r.ours), r) for r in table]
     plan, unmapped, ambiguous = {}, [], []
     for key in our_keys:
@@ -85,7 +88,9 @@ def resolve(our_keys: Iterable[str], table: Iterable[Rule]) -> dict[str, tuple[t
         if not hits:
             unmapped.append(key)
             continue
-        if len(hits) > 1:
+        if len(hits) > 1:  # a literal row (no `{i}`) overrides the templated rows it also matches
+            hits = [(m, r) for m, r in hits if "{i}" not in r.ours]
+        if len(hits) != 1:
             ambiguous.append(key)
             continue
         m, rule = hits[0]
