@@ -40,13 +40,12 @@ HEAD_DIM = 64  # single files store no head count; SD3 uses 64-channel heads (re
 
 
 def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> MMDiT:
+                     device: torch.device | str | None = None, config: MMDiTConfig | None = None) -> MMDiT:
     """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype; tensors are converted
-    one by one as they are read (no float32 detour)."""
-    reader, config = open_transformer_checkpoint(source)
+    one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
+    reader, found = open_transformer_checkpoint(source)
     layout, prefix = detect_layout(reader)
-    if config is None:
-        config = infer_config(reader, layout, prefix)
+    config = config or found or infer_config(reader, layout, prefix)
     with torch.device("meta"):
         model = MMDiT(config)
     keys = model.state_dict().keys()
@@ -115,6 +114,9 @@ def infer_config(reader: SafetensorsReader, layout: str, prefix: str = "") -> MM
         return reader.shape(prefix + probe[name])
 
     hidden, in_ch, patch, _ = shape("patch")
+    if hidden % HEAD_DIM:
+        raise CheckpointError(f"{reader.name}: width {hidden} is not a multiple of {HEAD_DIM}, so the head count "
+                              "cannot be inferred; pass config= (or use a folder with config.json)")
     blocks = {int(m.group(1)) for k in keys if (m := re.match(probe["block"], k))}
     grid = math.isqrt(shape("pos")[1])
     config = MMDiTConfig(

@@ -1,0 +1,53 @@
+"""Test helpers: random diffusers SD3 transformers and their conversion to our layout."""
+from __future__ import annotations
+
+import torch
+
+from flashsd3 import MMDiT, MMDiTConfig
+from flashsd3.keymaps.mmdit import diffusers_table
+from flashsd3.weights import TRANSFORMS, resolve
+
+
+def random_diffusers_transformer(cfg: MMDiTConfig, dtype=torch.float64, seed: int = 0):
+    """diffusers SD3Transformer2DModel at `cfg` with every parameter random (zero-init gates and
+    final layer would otherwise hide mistakes); the sin-cos position buffer stays as built."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    ref = SD3Transformer2DModel(**cfg.to_diffusers()).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.3)
+    return ref
+
+
+def ours_from_diffusers(ref, cfg: MMDiTConfig) -> MMDiT:
+    """Our model with the reference's weights, converted in memory through the key table."""
+    sd = ref.state_dict()
+    plan = resolve(MMDiT(cfg).state_dict().keys(), diffusers_table(cfg.depth))
+    state = {k: TRANSFORMS[t].apply(*(sd[s] for s in srcs)) for k, (srcs, t) in plan.items()}
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def random_inputs(cfg: MMDiTConfig, batch=2, hw=(8, 8), tokens=7, timesteps=None, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(batch, cfg.in_channels, *hw, generator=g, dtype=torch.float64).to(dtype)
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g, dtype=torch.float64).to(dtype)
+    pooled = torch.randn(batch, cfg.pooled_dim, generator=g, dtype=torch.float64).to(dtype)
+    if timesteps is None:
+        timesteps = torch.rand(batch, generator=g, dtype=torch.float64) * 1000
+    t = torch.as_tensor(timesteps, dtype=torch.float64).to(dtype)
+    return lat, t, ctx, pooled
+
+
+def run_reference(ref, lat, t, ctx, pooled, **kw):
+    with torch.no_grad():
+        return ref(hidden_states=lat, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, **kw).sample
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).double().norm() / b.double().norm()).item()
