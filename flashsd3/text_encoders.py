@@ -29,6 +29,7 @@ from .keymaps.text import (
     CLIP_G_PREFIX, CLIP_IGNORE, CLIP_L_PREFIX, CLIP_L_SINGLE_FILE_IGNORE, CLIP_TABLE, T5_EMBEDDING_KEYS,
     T5_PREFIX, T5_TABLE,
 )
+from .tokenizers import sd3_clip_tokenizers
 from .weights import CheckpointError, Rule, SafetensorsReader, load_into, sharded_files
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
@@ -117,7 +118,7 @@ class TextEncoders(nn.Module):
         return cls._assemble(load_tokenizers(root, t5=t5), models, context_dim)
 
     @classmethod
-    def from_single_file(cls, path: str | Path, tokenizer_source: str | Path, *,
+    def from_single_file(cls, path: str | Path, tokenizer_source: str | Path | None = None, *,
                          dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
                          t5: bool = False, context_dim: int = CONTEXT_DIM,
                          clip_l_config: CLIPTextConfig | None = None, clip_g_config: CLIPTextConfig | None = None,
@@ -125,7 +126,7 @@ class TextEncoders(nn.Module):
         """Load `text_encoders.{clip_l,clip_g[,t5xxl]}.transformer.*` from a Stability single file.
 
         The file has no configs: SD3's are shipped in flashsd3/configs/ (override with *_config).
-        Tokenizers come from `tokenizer_source`, a diffusers folder or hub id (see `load_tokenizers`).
+        Tokenizers: see `load_tokenizers` (None: the CLIP tokenizers shipped in the package).
         CLIP-L's projection is the identity (see keymaps/text.py); a projection in the file is ignored.
         """
         reader = SafetensorsReader([Path(path)])
@@ -158,9 +159,14 @@ def clip_features(tokenizer, encoder: CLIPTextModelWithProjection, prompts: list
     return out.hidden_states[-2], out.text_embeds
 
 
-def load_tokenizers(source: str | Path, *, t5: bool = False):
+def load_tokenizers(source: str | Path | None = None, *, t5: bool = False):
     """(tokenizer, tokenizer_2, tokenizer_3 or None) from the subfolders of a diffusers folder or hub
-    repo. The two CLIP tokenizers share one BPE vocabulary and differ in padding (README F6)."""
+    repo; with no source, SD3's CLIP tokenizers shipped in the package (flashsd3.tokenizers).
+    The two CLIP tokenizers share one BPE vocabulary and differ in padding (README F6)."""
+    if source is None:
+        if t5:
+            raise ValueError("T5 needs a tokenizer source (a folder or hub repo with tokenizer_3/)")
+        return (*sd3_clip_tokenizers(), None)
     source = str(source)
     tok_l = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     tok_g = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")

@@ -7,14 +7,12 @@
 
 The tiny CLIP tokenizer is real CLIP BPE machinery over a small vocabulary written here: the 256 byte
 symbols (so "!" is id 0, the pad of tokenizer_2, as in the real vocab), the same with "</w>", a few
-merges, then <|startoftext|> and <|endoftext|> as the two last ids (like 49406/49407), so no file
-outside the repository is needed. `sd3_tokenizer_folder` builds the real SD3 tokenizers from
-../shared/reference when that directory exists.
+merges, then <|startoftext|> and <|endoftext|> as the two last ids (like 49406/49407); building it
+takes milliseconds. For SD3's real tokenizers pass `tokenizers=flashsd3.tokenizers.sd3_clip_tokenizers()`.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from flashsd3.keymaps.text import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
 
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 TINY_MERGES = [("c", "a"), ("ca", "t</w>"), ("o", "f</w>"), ("t", "h"), ("th", "e</w>"), ("p", "h"), ("ph", "o")]
 
@@ -71,21 +68,6 @@ def tiny_clip_tokenizers():
     return tok, tok2
 
 
-def sd3_tokenizer_folder(root: Path) -> Path | None:
-    """root/{tokenizer,tokenizer_2}/ with SD3-medium's configs and the real CLIP BPE (README F6),
-    or None when ../shared/reference is absent."""
-    bpe, cfgs = SHARED_REFERENCE / "clip-bpe", SHARED_REFERENCE / "sd3-medium-diffusers"
-    if not (bpe / "vocab.json").is_file() or not (cfgs / "tokenizer_2").is_dir():
-        return None
-    for sub in ("tokenizer", "tokenizer_2"):
-        (Path(root) / sub).mkdir(parents=True, exist_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copyfile(bpe / f, Path(root) / sub / f)
-        for f in ("tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copyfile(cfgs / sub / f, Path(root) / sub / f)
-    return Path(root)
-
-
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
     """Every parameter random (default inits leave biases 0 and norms 1, hiding mistakes); norm scales
     stay near 1 so activations keep a sane size."""
@@ -107,13 +89,14 @@ def tiny_clip_config(hidden: int, *, vocab_size: int, act: str, layers: int = 2,
 
 
 def tiny_clip_pair(seed: int = 0, *, hidden_l: int = 8, hidden_g: int = 16, layers: int = 2,
-                   dtype: torch.dtype = torch.float32, identity_l_projection: bool = True):
+                   dtype: torch.dtype = torch.float32, identity_l_projection: bool = True, tokenizers=None):
     """(tokenizer, text_encoder, tokenizer_2, text_encoder_2), random, eval mode.
 
     Defaults fit flashsd3.TINY: pooled 8 + 16 = 24 = pooled_dim, context 24 zero-padded to 32.
     CLIP-L's projection is the identity, as in SD3 (pass identity_l_projection=False for a random one).
+    `tokenizers`: a (tokenizer, tokenizer_2) pair to use instead of the tiny ones (sets the vocab size).
     """
-    tok, tok2 = tiny_clip_tokenizers()
+    tok, tok2 = tokenizers or tiny_clip_tokenizers()
     enc = CLIPTextModelWithProjection(tiny_clip_config(hidden_l, vocab_size=len(tok), act="quick_gelu", layers=layers))
     enc2 = CLIPTextModelWithProjection(tiny_clip_config(hidden_g, vocab_size=len(tok2), act="gelu", layers=layers))
     randomize_(enc, seed)

@@ -13,7 +13,7 @@ from flashsd3.keymaps.text import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
 from flashsd3.text_encoders import TextEncoders, load_t5, load_tokenizers
 from flashsd3.weights import CheckpointError, SafetensorsReader
 from helpers_text import (
-    save_diffusers_text_folder, save_text_single_file, sd3_tokenizer_folder, text_single_file_state,
+    save_diffusers_text_folder, save_text_single_file, text_single_file_state,
     tiny_clip_pair, tiny_t5,
 )
 
@@ -64,19 +64,6 @@ def test_tiny_tokenizers_pad_like_sd3(clips):
     assert a[-1] == eot and tok.pad_token_id == eot  # tokenizer pads with <|endoftext|>
     assert b[-1] == 0 and tok2.pad_token_id == 0  # tokenizer_2 pads with "!" = id 0
     assert a[:3] == b[:3] and a[3] != b[3] == 0  # and splits "!" out as the special id 0
-
-
-def test_real_sd3_tokenizers(tmp_path):
-    root = sd3_tokenizer_folder(tmp_path)
-    if root is None:
-        pytest.skip("../shared/reference (CLIP BPE + SD3 tokenizer configs) not beside the repository")
-    tok, tok2, tok3 = load_tokenizers(root)
-    assert tok3 is None
-    assert tok(["a photo of a cat"]).input_ids[0] == [49406, 320, 1125, 539, 320, 2368, 49407]  # known CLIP ids
-    pad = dict(padding="max_length", max_length=77, truncation=True)
-    assert tok(["hello!"], **pad).input_ids[0][2:] == [256] + [49407] * 74
-    assert tok2(["hello!"], **pad).input_ids[0][2:] == [0, 49407] + [0] * 73  # README F6: HF splits "!" as id 0
-    assert len(tok([LONG], **pad).input_ids[0]) == 77
 
 
 # Parity with diffusers ----------------------------------------------------------------------------
@@ -137,6 +124,21 @@ def test_from_single_file(tmp_path, sd3_clips, t5, t5_key):
     got = loaded.encode(PROMPTS)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # bitwise
     assert loaded.t5.shared.weight is loaded.t5.encoder.embed_tokens.weight  # one tied tensor
+
+
+def test_single_file_with_shipped_tokenizers(tmp_path):
+    from flashsd3.tokenizers import sd3_clip_tokenizers
+
+    tok, enc, tok2, enc2 = tiny_clip_pair(seed=4, tokenizers=sd3_clip_tokenizers())  # vocab 49408
+    path = save_text_single_file(tmp_path / "sd3.safetensors", enc, enc2)
+    loaded = TextEncoders.from_single_file(path, dtype=torch.float32, context_dim=CONTEXT,
+                                           clip_l_config=enc.config, clip_g_config=enc2.config)
+    assert (loaded.tokenizer_l.pad_token_id, loaded.tokenizer_g.pad_token_id) == (49407, 0)
+    expected = TextEncoders(tok, enc, tok2, enc2, context_dim=CONTEXT).encode(PROMPTS)
+    got = loaded.encode(PROMPTS)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # bitwise
+    with pytest.raises(ValueError, match="T5 needs a tokenizer source"):
+        load_tokenizers(None, t5=True)
 
 
 def test_single_file_clip_l_projection_is_identity(tmp_path, clips):
