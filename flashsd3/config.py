@@ -127,3 +127,11 @@ MMDIT_PRESETS = {"sd3-medium": SD3_MEDIUM, "sd3.5-medium": SD35_MEDIUM, "sd3.5-l
 
 SD3_VAE = VAEConfig()
 TINY_VAE = VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+
+# The offline demo (`sample.py --demo`): the real architecture at toy width, random weights. A VAE
+# with 4 levels (8x downscale) and a 64-token table keep real image sizes valid up to 1024 px.
+DEMO = MMDiTConfig(
+    depth=2, num_heads=2, head_dim=8, patch_size=2, in_channels=4, out_channels=4,
+    context_dim=32, pooled_dim=24, pos_embed_max_size=64, sample_size=32,
+)
+DEMO_VAE = VAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
