@@ -70,15 +70,13 @@ class FlashSD3Pipeline:
         """
         from . import hub
         from .lora import load_lora, merge_lora
-        from .tokenizers import write_clip_tokenizer_folders
 
         patterns = hub.PIPELINE_PATTERNS + (hub.T5_PATTERNS if t5 else [])
         root = hub.resolve(model, patterns=patterns, what="model")
         if root.is_file():  # Stability single file: transformer, VAE and the CLIPs under prefixes
             transformer = load_transformer(root, dtype=dtype, device=device)
             vae = load_vae(root, dtype=dtype, device=device)
-            tok_dir = Path(tokenizers) if tokenizers else write_clip_tokenizer_folders(_cache_dir() / "tokenizers")
-            text = TextEncoders.from_single_file(root, tok_dir, dtype=dtype, device=device, t5=t5)
+            text = TextEncoders.from_single_file(root, tokenizers, dtype=dtype, device=device, t5=t5)
         else:
             transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
             vae = load_vae(root / "vae", dtype=dtype, device=device)
@@ -250,8 +248,3 @@ def to_pil(images: torch.Tensor) -> list:
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arr]
 
-
-def _cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("FLASHSD3_CACHE", Path.home() / ".cache" / "flashsd3"))
