@@ -1,0 +1,325 @@
+"""LoRA files: find them, recognise their layout, and plan (without reading data) what goes where.
+
+Layouts (detected from the keys, never from file names):
+  peft        `base_model.model.<diffusers path>.lora_A.weight` / `.lora_B.weight` + adapter_config.json
+              (PEFT `save_pretrained`; the published jasperai/flash-sd3 adapter). The scale lives only
+              in adapter_config.json: lora_alpha / r (8 / 64 = 0.125 for Flash SD3).
+  diffusers   `transformer.<diffusers path>.lora_A.weight` (diffusers `save_lora_weights`, SD3 DreamBooth
+              LoRA). diffusers 0.42.1 (`loaders/peft.py` load_lora_adapter) builds the LoraConfig from the
+              file's `lora_adapter_metadata` JSON when present, else sets lora_alpha = r: scale 1.0.
+              We also accept `<path>.alpha` scalars (alpha / r), which diffusers' SD3 loader refuses.
+  peft-bare   the same keys with no prefix (a raw `get_peft_model_state_dict`), same scale rules.
+  kohya       `lora_unet_<our name, '.'->'_'>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+              (sd-scripts `networks/lora_sd3.py`, ComfyUI); scale = alpha / rank, 1.0 if alpha is 0
+              or absent. A fused qkv LoRA adapts the whole qkv layer.
+  onetrainer  `lora_transformer_<diffusers path, '.'->'_'>.lora_down.weight` / ... / `.alpha`
+              (OneTrainer `convert_sd3_lora.py`, "legacy diffusers"), same scale rule as kohya.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..weights import CheckpointError, SafetensorsReader, refuse_pickle
+from .keys import Target, diffusers_targets, original_targets, underscored
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers `loaders/lora_base.py` LORA_ADAPTER_METADATA_KEY
+
+
+class LoRAError(CheckpointError):
+    """A LoRA file that cannot be applied: names the file and every key at fault."""
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    prefix: str
+    naming: str  # "diffusers" or "original": the module names the file uses
+    underscored: bool  # module names written with '_' for '.'
+    down: str  # key suffix of A
+    up: str  # key suffix of B
+    alpha: bool  # may carry `<module>.alpha` scalars
+
+
+_PEFT_AB, _KOHYA_AB = (".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight")
+FORMATS = (
+    Format("peft", "base_model.model.", "diffusers", False, *_PEFT_AB, alpha=False),
+    Format("diffusers", "transformer.", "diffusers", False, *_PEFT_AB, alpha=True),
+    Format("kohya", "lora_unet_", "original", True, *_KOHYA_AB, alpha=True),
+    Format("onetrainer", "lora_transformer_", "diffusers", True, *_KOHYA_AB, alpha=True),
+)
+BARE = Format("peft-bare", "", "diffusers", False, *_PEFT_AB, alpha=True)
+
+# Module names that show the file is for another model (checked after removing a layout prefix).
+FOREIGN = (
+    (r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]",
+     "a UNet model (SD 1.x / SD 2.x / SDXL)"),
+    (r"(single_transformer_blocks|single_blocks|double_blocks)[._]", "Flux"),
+)
+FOREIGN_PREFIXES = ("base_model.model.", "transformer.", "lora_unet_", "lora_transformer_", "unet.",
+                    "diffusion_model.", "model.diffusion_model.", "")
+TEXT_ENCODER = r"^(text_encoder(_2|_3)?\.|lora_te[123]?_)"
+UNSUPPORTED_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa (LyCORIS)"),
+                     ("lokr_", "LoKr (LyCORIS)"), ("lora_B.bias", "LoRA with bias (peft lora_bias)"))
+# adapter_config.json fields that change the forward pass beyond W + s*B@A: refused when set.
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "velora_config",
+                    "monteclora_config", "arrow_config", "kasa_config", "use_bdlora", "layer_replication",
+                    "trainable_token_indices", "target_parameters", "modules_to_save", "layers_to_transform",
+                    "fan_in_fan_out")
+
+
+@dataclass(frozen=True)
+class LoRASource:
+    reader: SafetensorsReader
+    config: dict | None  # adapter_config.json or diffusers metadata (prefix stripped)
+    config_name: str | None  # where `config` came from, for messages
+    label: str  # default adapter name
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One LoRA module of the file, planned onto our model."""
+
+    source: str  # the module's name in the file
+    a_key: str
+    b_key: str
+    target: Target
+    rank: int
+    scale: float  # alpha / r (rsLoRA: alpha / sqrt(r)); the user's scale comes on top
+
+
+# Finding the files -------------------------------------------------------------------------------
+
+def open_lora(source: str | Path) -> LoRASource:
+    """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id."""
+    path = Path(source)
+    if not path.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+            raise FileNotFoundError(f"LoRA not found: {source} (neither a local path nor a Hub repo id)")
+        path = _download(str(source))
+    if path.is_file():
+        refuse_pickle(path)
+        config = path.parent / PEFT_CONFIG if path.name == PEFT_WEIGHTS else None
+        return _source([path], config, path.stem)
+    if (path / PEFT_WEIGHTS).is_file():
+        return _source([path / PEFT_WEIGHTS], path / PEFT_CONFIG, path.name)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        found = sorted(p.name for p in path.iterdir())
+        pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = f"; pickle files {pickles} are refused (convert them to safetensors)" if pickles else ""
+        raise LoRAError(f"{path}: expected {PEFT_WEIGHTS} or exactly one .safetensors file, found {found}{hint}")
+    return _source(files, None, path.name)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all end here
+        raise LoRAError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
+                        f"({type(e).__name__}: {e}); download it and pass the folder instead") from e
+
+
+def _source(files: list[Path], peft_config: Path | None, label: str) -> LoRASource:
+    reader = SafetensorsReader(files)
+    if peft_config is not None and peft_config.is_file():
+        try:
+            return LoRASource(reader, json.loads(peft_config.read_text()), str(peft_config), label)
+        except json.JSONDecodeError as e:
+            raise LoRAError(f"{peft_config}: not valid JSON ({e})") from e
+    raw = reader.metadata.get(METADATA_KEY)
+    if raw is None:
+        return LoRASource(reader, None, None, label)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{reader.name}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+    config = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
+    return LoRASource(reader, config or None, f"{reader.name} metadata {METADATA_KEY!r}", label)
+
+
+# Recognising the layout ----------------------------------------------------------------------------
+
+def detect_format(keys: list[str], name: str) -> Format:
+    """The one layout every key is in; refuses other models' and text encoders' LoRAs by name."""
+    foreign = foreign_model(keys)
+    if foreign:
+        raise LoRAError(f"{name}: {foreign}")
+    text = [k for k in keys if re.match(TEXT_ENCODER, k)]
+    if text:
+        raise LoRAError(f"{name}: {len(text)} keys adapt a text encoder (e.g. {text[:3]}); flashsd3 applies LoRA "
+                        "to the transformer only: save the transformer part of this LoRA on its own")
+    claimed = {f.name: [k for k in keys if k.startswith(f.prefix)] for f in FORMATS}
+    used = [f for f in FORMATS if claimed[f.name]]
+    if len(used) == 1 and len(claimed[used[0].name]) == len(keys):
+        return used[0]
+    if not used and all(k.endswith(BARE.down) or k.endswith(BARE.up) or k.endswith(".alpha") for k in keys):
+        return BARE
+    if len(used) > 1:
+        raise LoRAError(f"{name}: keys of several LoRA layouts mixed: "
+                        + ", ".join(f"{f.name} ({f.prefix}*: {len(claimed[f.name])})" for f in used))
+    other = sorted(k for k in keys if not any(k.startswith(f.prefix) for f in used))
+    raise LoRAError(f"{name}: {len(other)} keys in no known SD3 LoRA layout (peft, diffusers, kohya, "
+                    f"OneTrainer), e.g. {other[:5]}")
+
+
+def foreign_model(names: list[str]) -> str | None:
+    """'this LoRA is for X, not SD3 (...)' if the names belong to a known other model family."""
+    if any(n.startswith("unet.") for n in names):
+        return f"this LoRA is for a UNet model (SD 1.x / SD 2.x / SDXL), not SD3 (keys start with 'unet.')"
+    for pattern, what in FOREIGN:
+        hits = [n for n in names if any(n.startswith(p) and re.match(pattern, n[len(p):]) for p in FOREIGN_PREFIXES)]
+        if hits:
+            return f"this LoRA is for {what}, not SD3 (e.g. {hits[:3]})"
+    return None
+
+
+def group_keys(keys: list[str], fmt: Format, name: str) -> dict[str, dict[str, str]]:
+    """module name (as in the file, prefix removed) -> {"A": key, "B": key[, "alpha": key]}."""
+    roles = {fmt.down: "A", fmt.up: "B", **({".alpha": "alpha"} if fmt.alpha else {})}
+    modules: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in keys:
+        hit = next((s for s in roles if key.endswith(s)), None)
+        if hit is None:
+            unknown.append(key)
+            continue
+        modules.setdefault(key[len(fmt.prefix) : -len(hit)], {})[roles[hit]] = key
+    if unknown:
+        kinds = sorted({what for k in unknown for part, what in UNSUPPORTED_KINDS if part in k})
+        hint = f" ({', '.join(kinds)} is not supported)" if kinds else ""
+        raise LoRAError(f"{name}: {len(unknown)} keys are not LoRA A/B{'/alpha' if fmt.alpha else ''} "
+                        f"weights of the {fmt.name} layout{hint}: {sorted(unknown)[:10]}")
+    incomplete = sorted(m for m, r in modules.items() if not {"A", "B"} <= r.keys())
+    if incomplete:
+        raise LoRAError(f"{name}: modules without both {fmt.down} and {fmt.up}: {incomplete[:10]}")
+    return modules
+
+
+# Planning: every module onto a target, every shape and scale checked, no tensor data read ------------
+
+def plan_lora(model: nn.Module, source: LoRASource) -> list[Piece]:
+    """One Piece per LoRA module of the file; raises LoRAError listing every problem at once."""
+    reader, name = source.reader, source.reader.name
+    fmt = detect_format(reader.keys(), name)
+    modules = group_keys(reader.keys(), fmt, name)
+    targets = diffusers_targets(model) if fmt.naming == "diffusers" else original_targets(model)
+    lookup = underscored(targets) if fmt.underscored else targets
+    strays = sorted(m for m in modules if m not in lookup)
+    if strays:
+        hint = foreign_model(strays)
+        raise LoRAError(f"{name}: {len(strays)} LoRA modules ({fmt.name} layout) target nothing in this SD3 "
+                        f"transformer{' - ' + hint if hint else ''}: " + ", ".join(fmt.prefix + m for m in strays))
+    config = _checked_config(fmt, source, modules)
+    errors: list[str] = []
+    if config is not None:
+        errors += _selection_errors(config, source.config_name, modules, targets)
+    pieces = []
+    for module, keys in sorted(modules.items()):
+        target = lookup[module]
+        shape_a = reader.shape(keys["A"])
+        rank = shape_a[0] if shape_a else 0
+        errors += _shape_errors(model.get_submodule(target.module), target, keys, reader)
+        scale = _scale(config, source.config_name, module, keys, rank, reader, errors)
+        pieces.append(Piece(module, keys["A"], keys["B"], target, rank, scale))
+    if errors:
+        raise LoRAError(f"{name}: cannot apply this LoRA ({fmt.name} layout):\n  " + "\n  ".join(errors))
+    return pieces
+
+
+def _checked_config(fmt: Format, source: LoRASource, modules: dict) -> dict | None:
+    """The PEFT-style config that sets the scale, if this layout uses one; refuses what we cannot honour."""
+    config, where, name = source.config, source.config_name, source.reader.name
+    has_alpha = any("alpha" in keys for keys in modules.values())
+    if fmt.name == "peft" and config is None:
+        raise LoRAError(f"{name}: PEFT adapter without {PEFT_CONFIG}: its scale (lora_alpha / r) is stored only "
+                        "there, so it cannot be applied correctly; put the adapter_config.json beside the weights")
+    if fmt.name in ("kohya", "onetrainer") or config is None:
+        return None
+    if has_alpha:
+        raise LoRAError(f"{name}: both .alpha keys and a LoRA config ({where}) set the scale; refusing to choose")
+    problems = [f"{f}={config[f]!r} is not supported" for f in PEFT_UNSUPPORTED if config.get(f)]
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type={config['peft_type']!r} is not LORA")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} (trained base biases) is not supported")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
+            problems.append(f"{field} must be a number, got {config.get(field)!r}")
+    if config.get("target_modules") in (None, "all-linear"):
+        problems.append(f"target_modules={config.get('target_modules')!r} cannot be checked against the weights")
+    if problems:
+        raise LoRAError(f"{where}: " + "; ".join(problems))
+    return config
+
+
+def peft_selects(config: dict, module: str) -> bool:
+    """Whether PEFT 0.21.2 wraps `module` (tuners_utils.check_target_module_exists): a string
+    target_modules is a regex that must match the whole name; a list matches a name equal to an
+    entry or ending in '.' + entry. exclude_modules works the same way and wins."""
+    def hit(spec) -> bool:
+        if isinstance(spec, str):
+            return re.fullmatch(spec, module) is not None
+        return module in spec or any(module.endswith("." + s) for s in spec)
+
+    exclude = config.get("exclude_modules")
+    return not (exclude and hit(exclude)) and hit(config["target_modules"])
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT 0.21.2 rank_pattern / alpha_pattern lookup (utils/other.py get_pattern_key): the first key,
+    in dict order, that as a regex matches the end of the name after a '.' boundary (or all of it)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _selection_errors(config: dict, where: str, modules: dict, targets: dict[str, Target]) -> list[str]:
+    selected = {m for m in targets if peft_selects(config, m)}
+    errors = []
+    if extra := sorted(set(modules) - selected):
+        errors.append(f"{where}: target_modules does not select {len(extra)} modules that have weights: {extra}")
+    if absent := sorted(selected - set(modules)):
+        errors.append(f"{where}: target_modules selects {len(absent)} modules without weights: {absent}")
+    return errors
+
+
+def _shape_errors(layer: nn.Module, target: Target, keys: dict, reader: SafetensorsReader) -> list[str]:
+    a, b = reader.shape(keys["A"]), reader.shape(keys["B"])
+    r, rows = (a[0] if a else None), target.stop - target.start
+    if isinstance(layer, nn.Conv2d):  # peft / kohya: A has the layer's kernel, B is 1x1
+        want = {"A": (r, layer.in_channels, *layer.kernel_size), "B": (rows, r, 1, 1)}
+    else:
+        want = {"A": (r, layer.in_features), "B": (rows, r)}
+    where = f"our {target.module} rows {target.start}:{target.stop} of weight {list(layer.weight.shape)}"
+    errors = [f"{keys[k]}: shape {list(s)}, expected {list(want[k])} ({where})"
+              for k, s in (("A", a), ("B", b)) if tuple(s) != want[k]]
+    if "alpha" in keys and math.prod(reader.shape(keys["alpha"])) != 1:
+        errors.append(f"{keys['alpha']}: shape {list(reader.shape(keys['alpha']))}, expected a scalar")
+    return errors
+
+
+def _scale(config: dict | None, where: str | None, module: str, keys: dict, rank: int,
+           reader: SafetensorsReader, errors: list[str]) -> float:
+    """alpha / r. From the config (peft semantics, rank_pattern / alpha_pattern / rsLoRA), else from
+    an `.alpha` scalar (0 means "no alpha", as sd-scripts), else 1.0 (diffusers without metadata)."""
+    if config is not None:
+        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        if r != rank:
+            errors.append(f"{where}: rank {r} for {module}, but {keys['A']} has shape {list(reader.shape(keys['A']))}")
+            return 0.0
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if "alpha" in keys and rank:
+        alpha = float(reader.get(keys["alpha"]).reshape(-1)[0])
+        return alpha / rank if alpha else 1.0
+    return 1.0

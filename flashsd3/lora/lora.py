@@ -1,0 +1,156 @@
+"""Public LoRA API on an MMDiT: load, scale, merge / unmerge, remove, inspect.
+
+Two ways to run an adapter, one set of weights:
+  * unmerged (default after `load_lora`): each adapted layer adds s * B(A(x)) on its output rows;
+    scales change for free (`set_lora_scale`), several adapters stack.
+  * merged (`merge_lora`): W += s * B @ A once, computed in float32 (float64 for float64 weights)
+    and rounded once to the weight's dtype; the forward is then the plain one (the layers only skip
+    merged adapters).
+`unmerge_lora` subtracts the same delta (no copy of the base weights is kept: at 2B parameters a copy
+costs as much as the model). Exact in real arithmetic; in floating point each element comes back
+within one rounding of the merge and one of the unmerge: |W_restored - W| <= eps * max(|W|, |W_merged|)
+(eps of the weight dtype; tests/test_lora.py checks this for float16, bfloat16, float32, float64).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .formats import LoRAError, Piece, open_lora, plan_lora
+from .layers import LoRALayer, LoRAUpdate, wrap
+
+
+@dataclass(frozen=True)
+class LoRAInfo:
+    name: str
+    scale: float  # the user's scale (alpha / r is per layer, inside the updates)
+    merged: bool
+    layers: int  # our layers it adapts (q, k and v share one qkv layer)
+    updates: int  # LoRA modules of the file
+    params: int  # values in A and B
+
+
+def load_lora(model: nn.Module, source: str | Path, *, scale: float = 1.0, name: str | None = None) -> str:
+    """Add the adapter at `source` (folder, .safetensors file or Hub repo id) unmerged; returns its name.
+
+    The effective scale of each module is `scale` * alpha / r as the file defines it (see formats.py).
+    Nothing is changed if any key, shape or config problem is found.
+    """
+    src = open_lora(source)
+    name = _new_name(model, name, src.label)
+    pieces = plan_lora(model, src)
+    by_layer: dict[str, list[LoRAUpdate]] = {}
+    for piece in pieces:  # read everything before touching the model
+        layer = model.get_submodule(piece.target.module)
+        by_layer.setdefault(piece.target.module, []).append(_update(piece, src.reader, layer.weight))
+    for module, updates in by_layer.items():
+        _lora_layer(model, module).add_adapter(name, updates, scale)
+    return name
+
+
+def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Change an unmerged adapter's user scale (0 switches it off)."""
+    for layer in _layers_with(model, name):
+        if name in layer.lora_merged:
+            raise LoRAError(f"adapter {name!r} is merged into the weights; unmerge_lora it before rescaling")
+    for layer in _layers_with(model, name):
+        layer.lora_scale[name] = scale
+
+
+def merge_lora(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold adapters (default: all loaded, not yet merged) into the base weights at their scales."""
+    for name in _names(model, names):
+        for layer in _layers_with(model, name):
+            if name not in layer.lora_merged:
+                layer.fold(name, +1)
+
+
+def unmerge_lora(model: nn.Module, names: list[str] | None = None) -> None:
+    """Subtract merged adapters (default: all) again; see the module docstring for the rounding bound."""
+    for name in _names(model, names):
+        for layer in _layers_with(model, name):
+            if name in layer.lora_merged:
+                layer.fold(name, -1)
+
+
+def remove_lora(model: nn.Module, name: str) -> None:
+    """Drop an adapter (unmerging it first); layers left without adapters become plain layers again."""
+    _layers_with(model, name)  # raises if unknown
+    for module, layer in list(_lora_layers(model).items()):
+        if name in layer.lora:
+            layer.remove_adapter(name)
+            if not layer.lora:
+                _replace(model, module, layer.plain())
+
+
+def lora_info(model: nn.Module) -> dict[str, LoRAInfo]:
+    """Loaded adapters by name."""
+    found: dict[str, list] = {}
+    for layer in _lora_layers(model).values():
+        for name, updates in layer.lora.items():
+            entry = found.setdefault(name, [layer.lora_scale[name], name in layer.lora_merged, 0, 0, 0])
+            entry[2] += 1
+            entry[3] += len(updates)
+            entry[4] += sum(u.A.numel() + u.B.numel() for u in updates)
+    return {name: LoRAInfo(name, *entry) for name, entry in found.items()}
+
+
+# Helpers -----------------------------------------------------------------------------------------
+
+def _update(piece: Piece, reader, weight: torch.Tensor) -> LoRAUpdate:
+    """A and B in the layer's dtype and device; B's halves swapped where the file's row order differs."""
+    A = reader.get(piece.a_key).to(device=weight.device, dtype=weight.dtype)
+    B = reader.get(piece.b_key).to(device=weight.device, dtype=weight.dtype)
+    if piece.target.swap:  # (scale, shift) rows -> (shift, scale); reference README F3
+        B = torch.cat(B.chunk(2, dim=0)[::-1], dim=0)
+    return LoRAUpdate(A, B, piece.target.start, piece.target.stop, piece.scale)
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def _lora_layer(model: nn.Module, module: str) -> LoRALayer:
+    layer = model.get_submodule(module)
+    if not isinstance(layer, LoRALayer):
+        layer = wrap(layer)
+        _replace(model, module, layer)
+    return layer
+
+
+def _replace(model: nn.Module, module: str, new: nn.Module) -> None:
+    parent, _, child = module.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def _layers_with(model: nn.Module, name: str) -> list[LoRALayer]:
+    layers = [layer for layer in _lora_layers(model).values() if name in layer.lora]
+    if not layers:
+        raise LoRAError(f"no adapter named {name!r}; loaded: {sorted(lora_info(model))}")
+    return layers
+
+
+def _names(model: nn.Module, names: list[str] | None) -> list[str]:
+    loaded = sorted(lora_info(model))
+    if names is None:
+        return loaded
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        raise LoRAError(f"no adapters named {unknown}; loaded: {loaded}")
+    return list(names)
+
+
+def _new_name(model: nn.Module, name: str | None, label: str) -> str:
+    """The user's name, or the source's folder / file name with non-word characters as '_'.
+    Names key nn.ModuleDicts, so they cannot be empty or contain '.'."""
+    if name is None:
+        name = re.sub(r"\W", "_", label)
+    if not name or "." in name:
+        raise LoRAError(f"invalid adapter name {name!r}: it must be non-empty and contain no '.'")
+    if name in lora_info(model):
+        raise LoRAError(f"an adapter named {name!r} is already loaded; pass name= to load another one")
+    return name
