@@ -1,6 +1,6 @@
 """SD3's VAE: an LDM AutoencoderKL with 16 latent channels and no quant convs.
 
-Paper: Esser et al. 2024, "Scaling Rectified Flow Transformers" §5.2.1 (16-channel autoencoder);
+Paper: Esser et al. 2024, "Scaling Rectified Flow Transformers" ("Improved Autoencoders": 16 channels);
 architecture from Rombach et al. 2022 (LDM). Official code: Stability-AI/sd3.5 `sd3_impls.py` (SDVAE).
 diffusers: `models/autoencoders/autoencoder_kl.py` (AutoencoderKL), `autoencoders/vae.py` (Encoder,
 Decoder, DiagonalGaussianDistribution), `unets/unet_2d_blocks.py` (UNetMidBlock2D, Down/UpDecoderBlock2D).
@@ -271,11 +271,13 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, overlap: int, fac
     Same grid, ramps and crops as diffusers' AutoencoderKL.tiled_decode with tile_latent_min_size=tile,
     tile_sample_min_size=tile*factor, tile_overlap_factor=overlap/tile (equal output, tests/test_vae.py),
     and, like diffusers' decode, z no larger than one tile is decoded in one pass. Differences: tiles
-    are blended as they are decoded, keeping only the output and one row of `overlap`-wide strips
-    (diffusers keeps every decoded tile, ~1.8x the image, plus the result); overlap is given in latent
-    pixels, so the stride and the crop always agree (diffusers' int() of a fractional factor can
-    make them differ). Tiles see only their own pixels in GroupNorm and attention, so the result is
-    close to, not equal to, the one-pass decode.
+    are blended as they are decoded, keeping only the output and one row of overlap strips (diffusers
+    keeps every decoded tile to the end, (tile/stride)^2 times the image); overlap is given in latent
+    pixels, so stride and crop always agree (diffusers' int() of a fractional factor can make them
+    differ); in fp16/bf16 the ramp weights are rounded to that dtype (diffusers multiplies by Python
+    floats), so the last bit may differ. Like diffusers, every start in range(0, h, stride) gets a
+    tile, even one the previous tile already covers. Tiles see only their own pixels in GroupNorm
+    and attention, so the result is close to, not equal to, the one-pass decode.
     """
     B, _, H, W = z.shape
     if not 0 <= overlap < tile:
