@@ -98,24 +98,24 @@ class Piece:
 
 def open_lora(source: str | Path) -> LoRASource:
     """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id."""
-    path = Path(source)
+    path, label = Path(source), Path(source).name
     if not path.exists():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             raise FileNotFoundError(f"LoRA not found: {source} (neither a local path nor a Hub repo id)")
-        path = _download(str(source))
+        path = _download(str(source))  # a snapshot folder named by commit hash: keep the repo's name
     if path.is_file():
         refuse_pickle(path)
         config = path.parent / PEFT_CONFIG if path.name == PEFT_WEIGHTS else None
         return _source([path], config, path.stem)
     if (path / PEFT_WEIGHTS).is_file():
-        return _source([path / PEFT_WEIGHTS], path / PEFT_CONFIG, path.name)
+        return _source([path / PEFT_WEIGHTS], path / PEFT_CONFIG, label)
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
         found = sorted(p.name for p in path.iterdir())
         pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f"; pickle files {pickles} are refused (convert them to safetensors)" if pickles else ""
         raise LoRAError(f"{path}: expected {PEFT_WEIGHTS} or exactly one .safetensors file, found {found}{hint}")
-    return _source(files, None, path.name)
+    return _source(files, None, label)
 
 
 def _download(repo_id: str) -> Path:
