@@ -117,6 +117,8 @@ def test_parity_with_peft_unmerged_and_merged(flash, scale):
     merge_lora(ours)
     assert lora_info(ours)[name].merged
     assert rel_err(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
+    with pytest.raises(LoRAError, match="merged into the weights"):
+        set_lora_scale(ours, name, 1.0)
 
 
 def test_set_lora_scale_matches_peft_set_scale(flash):

@@ -246,7 +246,7 @@ def _checked_config(fmt: Format, source: LoRASource, modules: dict) -> dict | No
         return None
     if has_alpha:
         raise LoRAError(f"{name}: both .alpha keys and a LoRA config ({where}) set the scale; refusing to choose")
-    problems = [f"{f}={config[f]!r} is not supported" for f in PEFT_UNSUPPORTED if config.get(f)]
+    problems = [f"{f}={config[f]!r} is not supported" for f in PEFT_UNSUPPORTED if _is_set(config.get(f))]
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type={config['peft_type']!r} is not LORA")
     if config.get("bias", "none") != "none":
@@ -259,6 +259,11 @@ def _checked_config(fmt: Format, source: LoRASource, modules: dict) -> dict | No
     if problems:
         raise LoRAError(f"{where}: " + "; ".join(problems))
     return config
+
+
+def _is_set(value) -> bool:
+    """A config field left at its default (None, False, empty) or set (layers_to_transform=0 is set)."""
+    return value is not None and value is not False and value != [] and value != {}
 
 
 def peft_selects(config: dict, module: str) -> bool:
