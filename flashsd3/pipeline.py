@@ -155,8 +155,8 @@ class FlashSD3Pipeline:
             raise ValueError("give seed or generator, not both")
         self.check_size(height, width)
         cfg = guidance > 1  # diffusers' rule: do_classifier_free_guidance = guidance_scale > 1
-        if negative_prompt is not None and not cfg:
-            warnings.warn(f"negative_prompt is ignored without guidance > 1 (guidance={guidance})", stacklevel=2)
+        if (negative_prompt is not None or negative_prompt_embeds is not None) and not cfg:
+            warnings.warn(f"negative prompt is ignored without guidance > 1 (guidance={guidance})", stacklevel=2)
 
         cond = self._conditioning(prompt, prompt_embeds, num_images_per_prompt)
         batch = cond[0].shape[0]
@@ -171,9 +171,10 @@ class FlashSD3Pipeline:
             uncond = self._conditioning(negative_prompt, negative_prompt_embeds, num_images_per_prompt)
 
         seeds = image_seeds(seed, batch) if seed is not None else None
-        if seeds is not None and noise is None:  # image k's latents and re-noise come from seed k alone
-            noise = PerImageNoise(seeds)
-        x = self._initial_latents(latents, batch, height, width, generator, noise if seeds else None)
+        per_image = PerImageNoise(seeds) if seeds is not None else None  # image k's latents from seed k alone
+        if noise is None:  # ... and its re-noise too, unless the caller gives the draws
+            noise = per_image
+        x = self._initial_latents(latents, batch, height, width, generator, per_image)
         if sigmas is not None:
             sched = check_sigmas(sigmas)
         else:
@@ -217,7 +218,7 @@ class FlashSD3Pipeline:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
         image = self.vae.decode(self.vae.latents_to_vae(latents.to(vae_dtype)), tile=tile)
         check_finite(image, "decoded image")
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return (image.to(torch.promote_types(image.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)  # >= fp32
 
 
 class PerImageNoise:

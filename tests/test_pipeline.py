@@ -203,8 +203,6 @@ def test_prompt_embeds_equal_prompt(twins):
         no_text("a cat", height=H, width=W, output_type="latent")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,  # remove the mark once pipeline.py is fixed
-                   reason="pipeline.py __call__ hands a caller's `noise` to _initial_latents as PerImageNoise")
 def test_seed_with_own_noise(twins):
     """seed= gives the initial latents (per-image seeds), noise= the re-noise draws."""
     pipe = twins(torch.float32, True).ours
@@ -246,7 +244,7 @@ def test_bad_arguments(twins, kw, match):
 def test_negative_prompt_without_guidance_warns(twins):
     pipe = twins(torch.float32, True).ours
     for guidance in (0.0, 1.0):  # diffusers: guidance only when guidance_scale > 1
-        with pytest.warns(UserWarning, match="negative_prompt is ignored"):
+        with pytest.warns(UserWarning, match="negative prompt is ignored"):
             pipe("a cat", "blurry", height=H, width=W, num_steps=1, guidance=guidance, output_type="latent")
 
 
