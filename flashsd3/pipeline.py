@@ -76,11 +76,13 @@ class FlashSD3Pipeline:
         if root.is_file():  # Stability single file: transformer, VAE and the CLIPs under prefixes
             transformer = load_transformer(root, dtype=dtype, device=device)
             vae = load_vae(root, dtype=dtype, device=device)
-            text = TextEncoders.from_single_file(root, tokenizers, dtype=dtype, device=device, t5=t5)
+            text = TextEncoders.from_single_file(root, tokenizers, dtype=dtype, device=device, t5=t5,
+                                                 context_dim=transformer.config.context_dim)
         else:
             transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
             vae = load_vae(root / "vae", dtype=dtype, device=device)
-            text = TextEncoders.from_diffusers_folder(root, dtype=dtype, device=device, t5=t5)
+            text = TextEncoders.from_diffusers_folder(root, dtype=dtype, device=device, t5=t5,
+                                                     context_dim=transformer.config.context_dim)
         for source, scale in ([(hub.FLASH_SD3_LORA_REPO, 1.0)] if lora is None else lora):
             path = hub.resolve(source, what="LoRA") if not Path(source).exists() else source
             load_lora(transformer, path, scale=scale)
