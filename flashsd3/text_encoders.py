@@ -30,7 +30,7 @@ from .keymaps.text import (
     T5_PREFIX, T5_TABLE,
 )
 from .tokenizers import sd3_clip_tokenizers
-from .weights import CheckpointError, Rule, SafetensorsReader, load_into, sharded_files
+from .weights import CheckpointError, Rule, SafetensorsReader, find_weights, load_into
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
 T5_TOKENS = 77  # initml fork: tokenizer_max_length (README F5); diffusers 0.42 defaults to 256
@@ -107,13 +107,13 @@ class TextEncoders(nn.Module):
         """Load text_encoder{,_2} + tokenizer{,_2} (and text_encoder_3 + tokenizer_3 if `t5`) from a
         diffusers model folder (e.g. stable-diffusion-3-medium-diffusers). Weights must be safetensors."""
         root = Path(path)
-        models = [load_clip(_clip_config(root / sub), SafetensorsReader(_weight_files(root / sub)),
+        models = [load_clip(_clip_config(root / sub), SafetensorsReader(find_weights(root / sub, "model.safetensors")),
                             dtype=dtype, device=device) for sub in ("text_encoder", "text_encoder_2")]
         if t5:
             from transformers import T5Config
 
             t5_config = T5Config.from_pretrained(str(root / "text_encoder_3"))
-            models.append(load_t5(t5_config, SafetensorsReader(_weight_files(root / "text_encoder_3")),
+            models.append(load_t5(t5_config, SafetensorsReader(find_weights(root / "text_encoder_3", "model.safetensors")),
                                   dtype=dtype, device=device))
         return cls._assemble(load_tokenizers(root, t5=t5), models, context_dim)
 
@@ -231,18 +231,6 @@ def _clip_config(folder: Path) -> CLIPTextConfig:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (expected a diffusers text_encoder folder)")
     return CLIPTextConfig.from_pretrained(str(folder))
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors file(s) of a transformers model folder: an index of shards or one file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sharded_files(index)
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {found}); "
-                          "pickle weights (.bin) are refused, convert them to safetensors")
 
 
 def _require_prefix(reader: SafetensorsReader, prefix: str, what: str) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import SD3_VAE, VAEConfig
 from .keymaps import vae as km
-from .weights import CheckpointError, SafetensorsReader, load_into, refuse_pickle, sharded_files
+from .weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint
 
 EPS = 1e-6  # every GroupNorm of the LDM autoencoder (diffusers resnet_eps=1e-6)
 
@@ -314,7 +314,8 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     it are ignored). Config: `config`, else the folder's config.json, else SD3_VAE with the
     architecture read from the tensors. dtype None keeps the file's dtype; tensors are read
     memory-mapped and converted one by one."""
-    reader, file_config = open_vae_checkpoint(source)
+    reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="vae", what="VAE")
+    file_config = _read_config(config_json)
     layout, prefix = detect_layout(reader)
     found = infer_architecture(reader, layout, prefix)
     config = config or file_config or _config_from_tensors(reader, found)
@@ -333,29 +334,8 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     return model.eval()
 
 
-def open_vae_checkpoint(source: str | Path) -> tuple[SafetensorsReader, VAEConfig | None]:
-    """The safetensors file(s) behind `source` and the config.json next to them, if any."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    if path.is_file():
-        refuse_pickle(path)
-        return SafetensorsReader([path]), None
-    if (path / "vae").is_dir() and not (path / "config.json").exists():
-        path = path / "vae"  # a diffusers pipeline root
-    index = path / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        files = sharded_files(index)
-    elif (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
-    else:
-        found = sorted(p.name for p in path.iterdir())
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} in this folder (pickle files are refused); found {found}")
-    return SafetensorsReader(files), _read_config(path / "config.json")
-
-
-def _read_config(path: Path) -> VAEConfig | None:
-    if not path.is_file():
+def _read_config(path: Path | None) -> VAEConfig | None:
+    if path is None:
         return None
     try:
         return VAEConfig.from_diffusers(json.loads(path.read_text()))

@@ -157,6 +157,40 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
+def find_weights(folder: Path, weights_name: str) -> list[Path]:
+    """The safetensors file(s) of a diffusers/transformers model folder: a shard index or one file."""
+    index = folder / f"{weights_name}.index.json"
+    if index.is_file():
+        return sharded_files(index)
+    if (folder / weights_name).is_file():
+        return [folder / weights_name]
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
+    pickles = [f for f in found if f.endswith(PICKLE_SUFFIXES)] if isinstance(found, list) else []
+    hint = f"; pickle files {pickles} are refused (convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{folder}: no {weights_name} (or its .index.json) in this folder; found {found}{hint}")
+
+
+def open_checkpoint(source: str | Path, *, weights_name: str, subfolder: str, what: str
+                    ) -> tuple[SafetensorsReader, Path | None]:
+    """(reader, config.json path or None) for a safetensors file, a shard index, a model folder, or a
+    diffusers pipeline root holding `subfolder`."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    if path.is_file():
+        refuse_pickle(path)
+        if path.name.endswith(".index.json"):
+            return SafetensorsReader(sharded_files(path)), _existing(path.parent / "config.json")
+        return SafetensorsReader([path]), None
+    if (path / subfolder).is_dir() and not (path / "config.json").exists():
+        path = path / subfolder  # a diffusers pipeline root
+    return SafetensorsReader(find_weights(path, weights_name)), _existing(path / "config.json")
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
 def sharded_files(index_json: Path) -> list[Path]:
     """The shard files listed by a `*.safetensors.index.json`."""
     try:

@@ -217,7 +217,7 @@ def test_t5_without_embedding_raises(tmp_path, t5):
 def test_pickle_only_folder_raises(tmp_path, clips):
     save_diffusers_text_folder(tmp_path, *clips)
     (tmp_path / "text_encoder" / "model.safetensors").rename(tmp_path / "text_encoder" / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"text_encoder: no model.safetensors.*pytorch_model.bin"):
+    with pytest.raises(CheckpointError, match=r"(?s)text_encoder: no model.safetensors.*pytorch_model.bin"):
         TextEncoders.from_diffusers_folder(tmp_path, context_dim=CONTEXT)
 
 

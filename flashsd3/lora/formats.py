@@ -174,7 +174,7 @@ def detect_format(keys: list[str], name: str) -> Format:
 def foreign_model(names: list[str]) -> str | None:
     """'this LoRA is for X, not SD3 (...)' if the names belong to a known other model family."""
     if any(n.startswith("unet.") for n in names):
-        return f"this LoRA is for a UNet model (SD 1.x / SD 2.x / SDXL), not SD3 (keys start with 'unet.')"
+        return "this LoRA is for a UNet model (SD 1.x / SD 2.x / SDXL), not SD3 (keys start with 'unet.')"
     for pattern, what in FOREIGN:
         hits = [n for n in names if any(n.startswith(p) and re.match(pattern, n[len(p):]) for p in FOREIGN_PREFIXES)]
         if hits:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from ..keymaps import mmdit as km
-from ..weights import CheckpointError, SafetensorsReader, load_into, refuse_pickle, resolve, sharded_files
+from ..weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, resolve
 from .model import MMDiT
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -43,9 +43,9 @@ def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None, config: MMDiTConfig | None = None) -> MMDiT:
     """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype; tensors are converted
     one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
-    reader, found = open_transformer_checkpoint(source)
+    reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="transformer", what="transformer")
     layout, prefix = detect_layout(reader)
-    config = config or found or infer_config(reader, layout, prefix)
+    config = config or _read_config(config_json) or infer_config(reader, layout, prefix)
     with torch.device("meta"):
         model = MMDiT(config)
     keys = model.state_dict().keys()
@@ -54,33 +54,8 @@ def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def open_transformer_checkpoint(source: str | Path) -> tuple[SafetensorsReader, MMDiTConfig | None]:
-    """Find the safetensors file(s) and the config.json (if any) behind `source`."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"transformer checkpoint not found: {path}")
-    if path.is_file():
-        refuse_pickle(path)
-        if path.name.endswith(".index.json"):
-            return SafetensorsReader(sharded_files(path)), _read_config(path.parent / "config.json")
-        return SafetensorsReader([path]), None
-    if (path / "transformer").is_dir() and not (path / "config.json").exists():
-        path = path / "transformer"  # a diffusers pipeline root
-    index = path / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        files = sharded_files(index)
-    elif (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
-    else:
-        found = sorted(p.name for p in path.iterdir())
-        pickles = [f for f in found if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
-        hint = f"; pickle files {pickles} are refused (convert them to safetensors)" if pickles else ""
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (or its .index.json) in this folder; found {found}{hint}")
-    return SafetensorsReader(files), _read_config(path / "config.json")
-
-
-def _read_config(path: Path) -> MMDiTConfig | None:
-    if not path.is_file():
+def _read_config(path: Path | None) -> MMDiTConfig | None:
+    if path is None:
         return None
     try:
         return MMDiTConfig.from_diffusers(json.loads(path.read_text()))
