@@ -84,8 +84,7 @@ class FlashSD3Pipeline:
             text = TextEncoders.from_diffusers_folder(root, dtype=dtype, device=device, t5=t5,
                                                      context_dim=transformer.config.context_dim)
         for source, scale in ([(hub.FLASH_SD3_LORA_REPO, 1.0)] if lora is None else lora):
-            path = hub.resolve(source, what="LoRA") if not Path(source).exists() else source
-            load_lora(transformer, path, scale=scale)
+            load_lora(transformer, source, scale=scale)  # a folder, a file or a hub repo id
         if merge and (lora is None or lora):
             merge_lora(transformer)
         return cls(transformer, vae, text)

@@ -435,4 +435,4 @@ def test_hub_repo_id_through_snapshot_download(flash, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    refuses(flash, "jasperai/flash-sd3", "could not be fetched from the Hugging Face Hub.*no network")
+    refuses(flash, "jasperai/flash-sd3", "could not get the LoRA .* from the Hugging Face hub.*no network")

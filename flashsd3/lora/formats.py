@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from .. import hub
 from ..weights import CheckpointError, SafetensorsReader, refuse_pickle
 from .keys import Target, diffusers_targets, original_targets, underscored
 
@@ -100,7 +101,7 @@ def open_lora(source: str | Path) -> LoRASource:
     """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id."""
     path, label = Path(source), Path(source).name
     if not path.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        if not hub.looks_like_repo_id(str(source)):
             raise FileNotFoundError(f"LoRA not found: {source} (neither a local path nor a Hub repo id)")
         path = _download(str(source))  # a snapshot folder named by commit hash: keep the repo's name
     if path.is_file():
@@ -120,12 +121,9 @@ def open_lora(source: str | Path) -> LoRASource:
 
 def _download(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # offline, unknown repo, gated repo: all end here
-        raise LoRAError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
-                        f"({type(e).__name__}: {e}); download it and pass the folder instead") from e
+        return hub.resolve(repo_id, patterns=["*.json", "*.safetensors"], what="LoRA")
+    except hub.WeightsUnavailable as e:  # offline, unknown repo, gated repo: all end here
+        raise LoRAError(str(e)) from e
 
 
 def _source(files: list[Path], peft_config: Path | None, label: str) -> LoRASource:
