@@ -413,7 +413,7 @@ def run(args, ranks: Ranks) -> int:
     checked(ranks, lambda: check_out_dir(args.out, jobs, args.overwrite, args.json))
     dtype = args.dtype or ("fp16" if ranks.device.type == "cuda" else "fp32")
     sharded = f" over {ranks.world} ranks" if ranks.world > 1 else ""
-    say(f"seed {seed}: image k uses seed + k ({len(jobs)} images{sharded}, {dtype} on {ranks.device})")
+    say(f"seed {seed}: image k uses seed + k ({plural(len(jobs))}{sharded}, {dtype} on {ranks.device})")
     if args.demo:
         say("note: --demo uses a random toy-width model: its images are noise-like by design", file=sys.stderr)
     elif loras == [] and args.steps == 4 and args.guidance == 0:
@@ -427,9 +427,13 @@ def run(args, ranks: Ranks) -> int:
     mine = jobs[ranks.rank::ranks.world]  # job j -> rank j % world: no duplicates, no gaps
     count = generate(pipe, args, mine, run_metadata(args, loras, dtype, negative), negative, ranks.rank == 0)
     total, seconds = ranks.totals(count, time.perf_counter() - t1)
-    say(f"wrote {total} images to {args.out} in {seconds:.2f} s ({total / seconds:.2f} images/s; "
+    say(f"wrote {plural(total)} to {args.out} in {seconds:.2f} s ({total / seconds:.2f} images/s; "
         f"model load {t1 - t0:.2f} s)")
     return 0
+
+
+def plural(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
 
 
 def check_inputs(args) -> tuple[list | None, list[str]]:
