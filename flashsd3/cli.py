@@ -342,7 +342,7 @@ def weights_message(e: Exception) -> str:
         msg += (f" Note that SD3-medium ({hub.SD3_MEDIUM_REPO}) is gated: accept its license on the hub page, "
                 f"then `hf auth login`.")
     return (msg + " For local files: --model /path/to/sd3-diffusers-folder or --model /path/to/sd3_medium.safetensors"
-            f" (and --lora /path/to/flash-sd3-folder, or --lora none).")
+            " (and --lora /path/to/flash-sd3-folder, or --lora none).")
 
 
 def load_pipeline(args, loras, device, dtype):
@@ -378,15 +378,10 @@ def load_pipeline(args, loras, device, dtype):
 
 
 def generate_batch(pipe, args, jobs: list[Job], negative: str | None, callback) -> list:
-    """One model call; the latents and re-noise of each image come from that image's own seed, exactly as
-    pipe(prompt, seed=s) draws them for consecutive seeds, so sharded/batched images match a plain run."""
-    from .pipeline import PerImageNoise
-
-    noise = PerImageNoise([j.seed for j in jobs])
-    f = pipe.vae.downscale
-    latents = noise.draw((len(jobs), pipe.transformer.config.in_channels, args.height // f, args.width // f))
+    """One model call; each image's latents and re-noise come from its own seed (pipeline `seed=[...]`),
+    so sharded/batched images match a plain run."""
     out = pipe([j.prompt for j in jobs], negative_prompt=negative, height=args.height, width=args.width,
-               num_steps=args.steps, guidance=args.guidance, sampler=args.sampler, latents=latents, noise=noise,
+               num_steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=[j.seed for j in jobs],
                callback=callback)
     return out.images
 

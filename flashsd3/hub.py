@@ -39,7 +39,12 @@ def resolve(source: str | Path, *, patterns: list[str] | None = None, what: str 
         gated = " SD3-medium is gated: accept its license on the hub page, then `hf auth login`." \
             if "stabilityai" in source else ""
         raise WeightsUnavailable(
-            f"could not get the {what} '{source}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]})."
+            f"could not get the {what} '{source}' from the Hugging Face hub ({type(e).__name__}: {_first_line(e)})."
             f"{gated} Or download the files yourself and pass a local path (a diffusers folder or a "
             f"single .safetensors file)."
         ) from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0].rstrip(".") if lines else "no details"

@@ -133,7 +133,7 @@ class FlashSD3Pipeline:
         guidance: float = 0.0,
         sampler: str = "flash",
         sigmas: Sequence[float] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         num_images_per_prompt: int = 1,
         latents: torch.Tensor | None = None,
@@ -145,8 +145,9 @@ class FlashSD3Pipeline:
     ) -> PipelineOutput:
         """Generate images. sampler "flash" (x0 then re-noise; the Flash SD3 recipe) or "euler" (the
         ODE sampler of SD3's own 28-step, guidance-7 recipe). guidance > 1 turns on classifier-free
-        guidance with `negative_prompt` (default ""). `seed` seeds a CPU generator (reproducible across
-        devices); `latents`/`noise` let callers supply the initial latents and the re-noise draws.
+        guidance with `negative_prompt` (default ""). `seed`: image k draws its latents and re-noise from
+        a CPU generator seeded seed + k (or seed[k] for a list), reproducible across devices and
+        batch compositions; `latents`/`noise` let callers supply the initial latents and the re-noise draws.
         `prompt_embeds` = (context, pooled) replaces the text encoders."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
@@ -171,7 +172,9 @@ class FlashSD3Pipeline:
                     raise ValueError(f"{len(negative_prompt)} negative prompts for {n_prompts} prompts")
             uncond = self._conditioning(negative_prompt, negative_prompt_embeds, num_images_per_prompt)
 
-        seeds = image_seeds(seed, batch) if seed is not None else None
+        seeds = None if seed is None else image_seeds(seed, batch) if isinstance(seed, int) else [int(s) for s in seed]
+        if seeds is not None and len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} images")
         per_image = PerImageNoise(seeds) if seeds is not None else None  # image k's latents from seed k alone
         if noise is None:  # ... and its re-noise too, unless the caller gives the draws
             noise = per_image
