@@ -214,7 +214,7 @@ class FlashSD3Pipeline:
             return latents.to(self.device, self.dtype)
         if per_image is not None:
             return per_image.draw(shape).to(self.device, self.dtype)
-        return draw_noise(torch.empty(shape, device=self.device, dtype=self.dtype), generator)
+        return draw_noise(torch.empty(shape, device=self.device), generator).to(self.dtype)  # drawn in fp32
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:

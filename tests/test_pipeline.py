@@ -255,3 +255,12 @@ def test_nan_raises_with_dtype_hint(twins):
     pipe = FlashSD3Pipeline(transformer, ours.vae, ours.text_encoders)
     with pytest.raises(FloatingPointError, match=r"NaN or inf in the latents \(torch.float32\).*bfloat16"):
         pipe("a cat", height=H, width=W, num_steps=2, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_demo_runs_with_generator_seed_or_neither(dtype):
+    """Initial noise is drawn in float32 and cast to the model dtype on every path."""
+    pipe = FlashSD3Pipeline.demo(seed=0, dtype=dtype)
+    for kw in ({"generator": torch.Generator().manual_seed(0)}, {"seed": 0}, {}):
+        out = pipe("a cat", height=32, width=32, num_steps=2, output_type="latent", **kw)
+        assert out.latents.dtype == dtype and torch.isfinite(out.latents).all()

@@ -53,7 +53,9 @@ class PatchEmbed(nn.Module):
                 f"latent {H}x{W} gives a {h}x{w} token grid, larger than the {self.max_size}x{self.max_size} "
                 f"position table (at most {self.max_size * p * 8}x{self.max_size * p * 8} pixels)"
             )
-        x = rearrange(self.proj(latents), "b d h w -> b (h w) d")  # (B, N, D)
+        # contiguous: the transposed view would stay feature-major through every block (slow LayerNorm
+        # copies and mixed-layout residual adds; bench/RESULTS.md measured 9% of a CPU forward)
+        x = rearrange(self.proj(latents), "b d h w -> b (h w) d").contiguous()  # (B, N, D)
         return x + crop_pos_embed(pos_table, self.max_size, h, w).to(x.dtype)
 
 
