@@ -361,10 +361,10 @@ def load_pipeline(args, loras, device, dtype):
 
                 for source, scale in loras:
                     load_lora(pipe.transformer, source, scale=scale)
-                merge_lora(pipe.transformer)
+                merge_lora(pipe.transformer, discard=True)  # the CLI never unmerges
         else:
             pipe = FlashSD3Pipeline.from_pretrained(args.model, lora=loras, t5=args.t5, dtype=torch_dtype,
-                                                    device=device)
+                                                    device=device, discard_lora=True)
         pipe.check_size(args.height, args.width)
     except (hub.WeightsUnavailable, FileNotFoundError) as e:
         raise UsageError(weights_message(e)) from None

@@ -60,11 +60,13 @@ class FlashSD3Pipeline:
     @classmethod
     def from_pretrained(cls, model: str | Path, *, lora: Sequence[tuple[str, float]] | None = None,
                         t5: bool = False, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
-                        merge: bool = True, tokenizers: str | Path | None = None) -> "FlashSD3Pipeline":
+                        merge: bool = True, discard_lora: bool = False,
+                        tokenizers: str | Path | None = None) -> "FlashSD3Pipeline":
         """Load from a diffusers folder, a Stability single file, or a hub repo id.
 
         lora: (source, scale) pairs; default the Flash SD3 adapter at scale 1; [] for the base model.
         merge: fold the adapters into the weights (no inference overhead; `flashsd3.lora.unmerge_lora`).
+        discard_lora: after merging, free the adapters' A/B (no unmerge or rescale later).
         tokenizers: for single files, where `tokenizer/` and `tokenizer_2/` are (default: the copies
         shipped with flashsd3, identical to SD3's).
         """
@@ -86,7 +88,7 @@ class FlashSD3Pipeline:
         for source, scale in ([(hub.FLASH_SD3_LORA_REPO, 1.0)] if lora is None else lora):
             load_lora(transformer, source, scale=scale)  # a folder, a file or a hub repo id
         if merge and (lora is None or lora):
-            merge_lora(transformer)
+            merge_lora(transformer, discard=discard_lora)
         return cls(transformer, vae, text)
 
     @classmethod

@@ -156,6 +156,24 @@ def test_merged_forward_is_the_plain_forward(flash):
     assert torch.equal(run_ours(ours, flash["inputs"]), run_ours(plain, flash["inputs"]))
 
 
+def test_merge_with_discard_keeps_weights_and_frees_adapters(flash):
+    ours = fresh(flash["state"])
+    load_lora(ours, flash["folder"], name="a")
+    load_lora(ours, flash["folder"], name="b", scale=0.5)
+    merged = fresh(flash["state"])
+    load_lora(merged, flash["folder"], name="a")
+    load_lora(merged, flash["folder"], name="b", scale=0.5)
+    merge_lora(merged, ["a"])
+    merge_lora(ours, ["a"], discard=True)
+    assert list(lora_info(ours)) == ["b"]  # only "a" was forgotten
+    assert torch.equal(run_ours(ours, flash["inputs"]), run_ours(merged, flash["inputs"]))
+    merge_lora(ours, discard=True)
+    assert lora_info(ours) == {} and not any(isinstance(m, LoRALayer) for m in ours.modules())
+    merge_lora(merged)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+
 def test_rank_alpha_patterns_and_rslora_match_peft(tmp_path):
     config = lora_config(r=4, lora_alpha=3, use_rslora=True, rank_pattern={"to_k": 2, "^norm_out.linear": 6},
                          alpha_pattern={"transformer_blocks.1.ff.net.2": 5, "proj": 7})

@@ -85,7 +85,12 @@ class LoRALayer:
     def remove_adapter(self, name: str) -> None:
         if name in self.lora_merged:
             self.fold(name, -1)
+        self.forget_adapter(name)
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop the adapter's A, B and scale; a merged delta stays in the weight."""
         del self.lora[name], self.lora_scale[name]
+        self.lora_merged.pop(name, None)
 
 
 class LoRALinear(LoRALayer, nn.Linear):

@@ -61,12 +61,25 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
         layer.lora_scale[name] = scale
 
 
-def merge_lora(model: nn.Module, names: list[str] | None = None) -> None:
-    """Fold adapters (default: all loaded, not yet merged) into the base weights at their scales."""
-    for name in _names(model, names):
+def merge_lora(model: nn.Module, names: list[str] | None = None, *, discard: bool = False) -> None:
+    """Fold adapters (default: all loaded, not yet merged) into the base weights at their scales.
+
+    discard=True then forgets them (A and B freed, layers plain again): the merged weights stay, but
+    they can no longer be unmerged or rescaled. For inference-only use (the Flash adapter's A and B
+    are 87.6M values).
+    """
+    names = _names(model, names)
+    for name in names:
         for layer in _layers_with(model, name):
             if name not in layer.lora_merged:
                 layer.fold(name, +1)
+    if discard:
+        for module, layer in list(_lora_layers(model).items()):
+            for name in names:
+                if name in layer.lora:
+                    layer.forget_adapter(name)
+            if not layer.lora:
+                _replace(model, module, layer.plain())
 
 
 def unmerge_lora(model: nn.Module, names: list[str] | None = None) -> None:
