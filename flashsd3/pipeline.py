@@ -15,7 +15,8 @@ import torch
 
 from .config import DEMO, DEMO_VAE
 from .mmdit import MMDiT, load_transformer
-from .sampling import cfg_denoiser, draw_noise, flash_sigmas, flow_match_sigmas, check_sigmas, sample_euler, sample_flash
+from .sampling import (check_sigmas, cfg_denoiser, draw_noise, flash_sigmas, flow_match_sigmas, noise_to, sample_euler,
+                       sample_flash)
 from .text_encoders import TextEncoders
 from .vae import VAE, load_vae
 
@@ -178,13 +179,13 @@ class FlashSD3Pipeline:
         if seeds is not None and len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for {batch} images")
         per_image = PerImageNoise(seeds) if seeds is not None else None  # image k's latents from seed k alone
-        if noise is None:  # ... and its re-noise too, unless the caller gives the draws
-            noise = per_image
         x = self._initial_latents(latents, batch, height, width, generator, per_image)
         if sigmas is not None:
             sched = check_sigmas(sigmas)
         else:
             sched = (flash_sigmas if sampler == "flash" else flow_match_sigmas)(num_steps, self.shift)
+        if noise is None and per_image is not None and sampler == "flash":  # ... and its re-noise too
+            noise = [noise_to(per_image.draw(x.shape), x.device) for _ in range(len(sched) - 2)]
         denoise = cfg_denoiser(self.transformer, cond, uncond, guidance)
         if sampler == "flash":
             x = sample_flash(denoise, x, sched, generator=generator, noise=noise, callback=callback)
@@ -215,7 +216,7 @@ class FlashSD3Pipeline:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             return latents.to(self.device, self.dtype)
         if per_image is not None:
-            return per_image.draw(shape).to(self.device, self.dtype)
+            return noise_to(per_image.draw(shape), self.device).to(self.dtype)
         return draw_noise(torch.empty(shape, device=self.device), generator).to(self.dtype)  # drawn in fp32
 
     @torch.no_grad()
@@ -234,11 +235,10 @@ class PerImageNoise:
     def __init__(self, seeds: list[int]):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
-    def draw(self, shape) -> torch.Tensor:  # float32 on the CPU, as flashsd3.sampling.draw_noise
+    def draw(self, shape) -> torch.Tensor:
+        """(B, ...) float32 on the CPU, as flashsd3.sampling.draw_noise: initial latents, then one
+        draw per re-noise step, in that order."""
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators])
-
-    def __call__(self, step: int, x: torch.Tensor) -> torch.Tensor:  # the sampler's noise callable
-        return self.draw(x.shape).to(x.device)
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

@@ -275,3 +275,24 @@ def test_cfg_skipped_when_guidance_at_most_one(guidance):
 def test_cfg_needs_uncond():
     with pytest.raises(ValueError, match="needs `uncond`"):
         cfg_denoiser(make_model([]), cond=(torch.zeros(1, 2, 3), torch.zeros(1, 4)), guidance=3.0)
+
+
+def test_flash_loop_draws_noise_and_timesteps_before_the_first_model_call(monkeypatch):
+    """Host-to-device copies happen before the loop: none is left between model calls (on a GPU a
+    blocking copy there makes the host wait for every step)."""
+    from flashsd3.sampling import flash as flash_module
+
+    events = []
+    real_draw = flash_module.draw_noise
+    monkeypatch.setattr(flash_module, "draw_noise", lambda x, g=None: events.append("draw") or real_draw(x, g))
+    timesteps = []
+
+    def denoise(x, t):
+        events.append("model")
+        timesteps.append(t)
+        return torch.zeros_like(x)
+
+    flash_module.sample_flash(denoise, torch.zeros(2, 4, 8, 8), flash_sigmas(4), generator=torch.Generator().manual_seed(0))
+    assert events == ["draw"] * 3 + ["model"] * 4
+    assert len({t.untyped_storage().data_ptr() for t in timesteps}) == 1  # one table, indexed per step
+    assert [t.tolist() for t in timesteps][1] == [to_timesteps(flash_sigmas(4))[1].item()] * 2

@@ -1,5 +1,5 @@
 """Samplers as plain functions over a sigma table: flow-matching Euler (SD3) and Flash (Flash SD3)."""
-from .flash import draw_noise, flash_sigmas, flash_step, sample_flash
+from .flash import draw_noise, flash_sigmas, flash_step, noise_to, sample_flash
 from .flow_match import (
     cfg_combine,
     cfg_denoiser,
@@ -8,7 +8,7 @@ from .flow_match import (
     flow_match_sigmas,
     sample_euler,
     shift_sigmas,
-    timestep_batch,
+    loop_timesteps,
     to_timesteps,
 )
 
@@ -20,10 +20,11 @@ __all__ = [
     "euler_step",
     "flash_sigmas",
     "flash_step",
+    "noise_to",
     "flow_match_sigmas",
     "sample_euler",
     "sample_flash",
     "shift_sigmas",
-    "timestep_batch",
+    "loop_timesteps",
     "to_timesteps",
 ]

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .flow_match import NUM_TRAIN_TIMESTEPS, Denoiser, check_sigmas, flow_match_sigmas, timestep_batch
+from .flow_match import NUM_TRAIN_TIMESTEPS, Denoiser, check_sigmas, flow_match_sigmas, loop_timesteps
 
 NoiseSource = Sequence[torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]  # step i, x -> noise
 
@@ -58,12 +58,17 @@ def draw_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """float32 standard normal shaped like x, drawn on the generator's device (global CPU RNG if None),
     then moved to x's device: the same seed gives the same noise on CPU and any GPU."""
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+    return noise_to(torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32), x.device)
 
 
-def _noise_for_step(i: int, x: torch.Tensor, generator, noise: NoiseSource | None) -> torch.Tensor:
-    if noise is None:
-        return draw_noise(x, generator)
+def noise_to(e: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move CPU-drawn noise to `device`; to CUDA through pinned memory without blocking the host."""
+    if e.device != device and device.type == "cuda":
+        return e.pin_memory().to(device, non_blocking=True)
+    return e.to(device)
+
+
+def _noise_for_step(i: int, x: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
     if callable(noise):
         return noise(i, x)
     if i >= len(noise):
@@ -88,9 +93,12 @@ def sample_flash(
     if generator is not None and noise is not None:
         raise ValueError("pass either `generator` or `noise`, not both")
     sigmas = check_sigmas(sigmas)
+    timesteps = loop_timesteps(sigmas, x)
+    if noise is None:  # draw every re-noise up front (same draws, same order): no host sync in the loop
+        noise = [draw_noise(x, generator) for _ in range(len(sigmas) - 2)]
     for i in range(len(sigmas) - 1):
-        velocity = denoise(x, timestep_batch(sigmas[i], x))
-        e = _noise_for_step(i, x, generator, noise) if sigmas[i + 1] > 0 else None
+        velocity = denoise(x, timesteps[i])
+        e = _noise_for_step(i, x, noise) if sigmas[i + 1] > 0 else None
         x = flash_step(x, velocity, sigmas[i], sigmas[i + 1], e)
         if callback is not None:
             callback(i, x)

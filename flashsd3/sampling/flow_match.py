@@ -86,12 +86,14 @@ def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return s
 
 
-def timestep_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 timestep on x's device for the step at `sigma` (a 0-dim tensor from the table).
+def loop_timesteps(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(steps, B) float32 timesteps t = sigma * 1000 on x's device, one row per step, copied once.
 
-    float32 even for fp16/bf16 models, as diffusers' SD3 pipeline: fp16 would round t=857.69 to 857.5.
+    One copy before the loop, not one per step: a blocking host-to-device copy inside the loop would
+    make the host wait for the GPU at every step. float32 even for fp16/bf16 models, as diffusers'
+    SD3 pipeline: fp16 would round t=857.69 to 857.5.
     """
-    return to_timesteps(sigma).to(x.device).expand(x.shape[0])
+    return to_timesteps(sigmas[:-1]).to(x.device)[:, None].expand(-1, x.shape[0])
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -116,8 +118,9 @@ def sample_euler(
     callback(i, x) is called after step i with the new state.
     """
     sigmas = check_sigmas(sigmas)
+    timesteps = loop_timesteps(sigmas, x)
     for i in range(len(sigmas) - 1):
-        velocity = denoise(x, timestep_batch(sigmas[i], x))
+        velocity = denoise(x, timesteps[i])
         x = euler_step(x, velocity, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback(i, x)
