@@ -12,7 +12,6 @@ The diffusion model works on `vae_to_latents(z)`, normalised by the config's sca
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import SD3_VAE, VAEConfig
 from .keymaps import vae as km
-from .weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint
+from .weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, read_config
 
 EPS = 1e-6  # every GroupNorm of the LDM autoencoder (diffusers resnet_eps=1e-6)
 
@@ -315,7 +314,7 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     architecture read from the tensors. dtype None keeps the file's dtype; tensors are read
     memory-mapped and converted one by one."""
     reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="vae", what="VAE")
-    file_config = _read_config(config_json)
+    file_config = read_config(config_json, VAEConfig.from_diffusers, "AutoencoderKL")
     layout, prefix = detect_layout(reader)
     found = infer_architecture(reader, layout, prefix)
     config = config or file_config or _config_from_tensors(reader, found)
@@ -332,15 +331,6 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
             raise CheckpointError(f"VAE weights do not fit the config ({'; '.join(misfit)})\n{e}") from None
         raise
     return model.eval()
-
-
-def _read_config(path: Path | None) -> VAEConfig | None:
-    if path is None:
-        return None
-    try:
-        return VAEConfig.from_diffusers(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a usable AutoencoderKL config ({e!r})") from e
 
 
 def detect_layout(reader: SafetensorsReader) -> tuple[str, str]:

@@ -187,6 +187,16 @@ def open_checkpoint(source: str | Path, *, weights_name: str, subfolder: str, wh
     return SafetensorsReader(find_weights(path, weights_name)), _existing(path / "config.json")
 
 
+def read_config(path: Path | None, parse: Callable[[dict], object], what: str):
+    """parse(json of `path`), or None without a config; a config that does not parse names the file."""
+    if path is None:
+        return None
+    try:
+        return parse(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a usable {what} config ({e!r})") from e
+
+
 def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
 

@@ -10,7 +10,6 @@ Without a config.json the config is read from a few tensors (`infer_config`).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -20,7 +19,7 @@ import torch
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from ..keymaps import mmdit as km
-from ..weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, resolve
+from ..weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, read_config, resolve
 from .model import MMDiT
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -45,22 +44,14 @@ def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
     one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
     reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="transformer", what="transformer")
     layout, prefix = detect_layout(reader)
-    config = config or _read_config(config_json) or infer_config(reader, layout, prefix)
+    config = (config or read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
+              or infer_config(reader, layout, prefix))
     with torch.device("meta"):
         model = MMDiT(config)
     keys = model.state_dict().keys()
     table = km.diffusers_table(config.depth) if layout == "diffusers" else km.identity_table(keys)
     load_into(model, reader, table, prefix=prefix, dtype=dtype, device=device)
     return model.eval()
-
-
-def _read_config(path: Path | None) -> MMDiTConfig | None:
-    if path is None:
-        return None
-    try:
-        return MMDiTConfig.from_diffusers(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a usable SD3Transformer2DModel config ({e!r})") from e
 
 
 def detect_layout(reader: SafetensorsReader) -> tuple[str, str]:
