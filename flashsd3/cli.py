@@ -172,7 +172,10 @@ class Job:
 def slugify(text: str, max_len: int = 40) -> str:
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:max_len].rstrip("-") or "untitled"
+    if len(slug) > max_len:  # cut at a word boundary when there is one
+        cut = slug[: max_len + 1].rfind("-")
+        slug = slug[:cut] if cut > 0 else slug[:max_len]
+    return slug or "untitled"
 
 
 def plan_jobs(prompts: list[str], per_prompt: int, seed: int) -> list[Job]:
@@ -295,8 +298,13 @@ class Ranks:
         both = self._sum([count] + [seconds if r == self.rank else 0.0 for r in range(self.world)])
         return int(both[0]), max(both[1:])
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = False) -> None:
+        """Destroy the process group (idempotent). synchronize=True (only after a run every rank
+        finished) waits for all ranks first: a rank closing its gloo sockets while a peer still talks
+        to it aborted that peer at exit ("terminate called without an active exception")."""
         if self.dist and self.dist.is_initialized():
+            if synchronize:
+                self.dist.barrier()
             self.dist.destroy_process_group()
 
 
@@ -446,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ranks = None
     try:
         ranks = Ranks(args.device)
-        return run(args, ranks)
+        code = run(args, ranks)
+        ranks.close(synchronize=True)
+        return code
     except OtherRankFailed:
         return 2
     except UsageError as e:
