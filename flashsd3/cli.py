@@ -349,7 +349,7 @@ def weights_message(e: Exception) -> str:
     if "gated" not in msg:
         msg += (f" Note that SD3-medium ({hub.SD3_MEDIUM_REPO}) is gated: accept its license on the hub page, "
                 f"then `hf auth login`.")
-    return (msg + " For local files: --model /path/to/sd3-diffusers-folder or --model /path/to/sd3_medium.safetensors"
+    return (msg + " For local files: --model /path/to/sd3-diffusers-folder or --model /path/to/sd3_medium_incl_clips.safetensors"
             " (and --lora /path/to/flash-sd3-folder, or --lora none).")
 
 
