@@ -29,7 +29,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "flash_sigmas_shift3.json"
 
 
 def diffusers_scheduler(**kw):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
     return diffusers.FlowMatchEulerDiscreteScheduler(**kw)
 
 
@@ -70,7 +70,7 @@ def test_sigmas_match_diffusers_bitwise(shift):
 
 
 def test_linspace_follows_numpy_bitwise():
-    np = pytest.importorskip("numpy")
+    import numpy as np  # a runtime dependency of flashsd3
     from flashsd3.sampling.flow_match import _linspace_like_numpy
 
     for num in range(1, 101):
