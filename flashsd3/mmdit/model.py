@@ -61,6 +61,32 @@ class MMDiT(nn.Module):
         )
         self.final_layer = FinalLayer(D, c.patch_dim)
 
+    @torch.no_grad()
+    def init_weights(self) -> "MMDiT":
+        """Initialise for training from scratch (DiT, Peebles & Xie 2023, `models.py` initialize_weights; SD3
+        follows DiT): xavier-uniform linears and patch projection with zero biases, N(0, 0.02) timestep MLP,
+        zero adaLN modulations and final projection. Every gate starts at 0, so each block starts as the
+        identity and the model predicts 0. Returns self. (PyTorch's default init otherwise.)
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))  # conv as a linear on patches
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(linear.weight, std=0.02)
+        for block in self.joint_blocks:
+            for stream in (block.context_block, block.x_block):
+                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+        for linear in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        self.pos_embed.copy_(self._init_pos_embed())
+        return self
+
     def _init_pos_embed(self) -> torch.Tensor:
         c = self.config
         if self.x_embedder.proj.weight.is_meta:

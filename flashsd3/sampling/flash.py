@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .flow_match import NUM_TRAIN_TIMESTEPS, Denoiser, check_sigmas, flow_match_sigmas, loop_timesteps
+from .flow_match import NUM_TRAIN_TIMESTEPS, Denoiser, check_sigmas, flow_match_sigmas, forward_process, loop_timesteps
 
 NoiseSource = Sequence[torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]  # step i, x -> noise
 
@@ -51,7 +51,7 @@ def flash_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next, noise
     if noise is None or noise.shape != x.shape:
         raise ValueError(f"flash_step at sigma_next={sigma_next.item()} needs noise of shape {tuple(x.shape)}, "
                          f"got {None if noise is None else tuple(noise.shape)}")
-    return (sigma_next * noise.to(x.device, torch.float32) + (1 - sigma_next) * x0).to(x.dtype)
+    return forward_process(x0, noise, sigma_next).to(x.dtype)  # float32 x0: computed in float32
 
 
 def draw_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

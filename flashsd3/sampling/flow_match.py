@@ -63,6 +63,20 @@ def flow_match_sigmas(
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def forward_process(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The rectified-flow forward (noising) process x_sigma = sigma * noise + (1 - sigma) * x0.
+
+    SD3 paper eq. 3 with a_t = 1 - t, b_t = t (diffusers `FlowMatchEulerDiscreteScheduler.scale_noise`).
+    sigma: a float, a 0-dim tensor or one value per sample (B,); computed in float32 (float64 for float64
+    inputs) and returned in x0's dtype. Used by training (noised data), img2img and the Flash sampler's re-noise.
+    """
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x0.device)
+    if sigma.ndim == 1:  # per-sample sigmas broadcast over (C, H, W)
+        sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    return (sigma * noise.to(x0.device, dtype) + (1 - sigma) * x0.to(dtype)).to(x0.dtype)
+
+
 def to_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """Model timesteps t = sigma * N in float32 (diffusers `scheduler.timesteps` = sigmas[:-1] * N)."""
     return torch.as_tensor(sigmas, dtype=torch.float32) * num_train_timesteps
