@@ -113,6 +113,19 @@ class VAEConfig:
         return cls(**kw)
 
 
+@dataclass(frozen=True)
+class AdapterConfig:
+    """A LoRA adapter's shape in PEFT's terms (adapter_config.json): W += (alpha / rank) * B @ A."""
+
+    rank: int  # r
+    alpha: float  # lora_alpha
+    target_modules: tuple[str, ...]  # PEFT suffix match on diffusers module names (lora/formats.py peft_selects)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 # Presets -------------------------------------------------------------------------------------
 
 SD3_MEDIUM = MMDiTConfig()
@@ -135,3 +148,11 @@ DEMO = MMDiTConfig(
     context_dim=32, pooled_dim=24, pos_embed_max_size=64, sample_size=32,
 )
 DEMO_VAE = VAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+# The published Flash SD3 adapter (hub.FLASH_SD3_LORA_REPO, its adapter_config.json): rank 64, alpha 8
+# (scale 0.125); on SD3-medium the targets select 222 layers, 87,646,208 LoRA values.
+FLASH_SD3_ADAPTER = AdapterConfig(
+    rank=64, alpha=8,
+    target_modules=("proj", "linear_1", "to_k", "proj_out", "linear_2", "to_out.0", "ff.net.2", "proj_in", "to_v",
+                    "to_q", "linear", "ff.net.0.proj"),
+)

@@ -30,7 +30,8 @@ from .keymaps.text import (
     T5_PREFIX, T5_TABLE,
 )
 from .tokenizers import sd3_clip_tokenizers
-from .weights import CheckpointError, Rule, SafetensorsReader, find_weights, load_into
+from .keymaps.rules import Rule
+from .weights import TRANSFORMERS_WEIGHTS, CheckpointError, SafetensorsReader, find_weights, load_into
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
 T5_TOKENS = 77  # initml fork: tokenizer_max_length (README F5); diffusers 0.42 defaults to 256
@@ -60,11 +61,11 @@ class TextEncoders(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:  # everything we return is in CLIP-L's dtype, as diffusers' zeros
-        return self.clip_l.text_model.final_layer_norm.weight.dtype
+        return self.clip_l.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.clip_l.text_model.final_layer_norm.weight.device
+        return self.clip_l.device
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str], *, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +89,7 @@ class TextEncoders(nn.Module):
             return torch.zeros(len(prompts), tokens, self.context_dim, dtype=self.dtype, device=self.device)
         ids = self.tokenizer_t5(prompts, padding="max_length", max_length=tokens, truncation=True,
                                 add_special_tokens=True, return_tensors="pt").input_ids  # (B, tokens)
-        device = next(self.t5.parameters()).device
-        return self.t5(ids.to(device)).last_hidden_state.to(self.dtype)  # no attention mask, as diffusers
+        return self.t5(ids.to(self.t5.device)).last_hidden_state.to(self.dtype)  # no attention mask, as diffusers
 
     def offload(self, device: torch.device | str = "cpu") -> "TextEncoders":
         """Move the encoders off the accelerator (after encoding) and return its cached memory."""
@@ -107,14 +107,17 @@ class TextEncoders(nn.Module):
         """Load text_encoder{,_2} + tokenizer{,_2} (and text_encoder_3 + tokenizer_3 if `t5`) from a
         diffusers model folder (e.g. stable-diffusion-3-medium-diffusers). Weights must be safetensors."""
         root = Path(path)
-        models = [load_clip(_clip_config(root / sub), SafetensorsReader(find_weights(root / sub, "model.safetensors")),
-                            dtype=dtype, device=device) for sub in ("text_encoder", "text_encoder_2")]
+
+        def reader(sub: str) -> SafetensorsReader:
+            return SafetensorsReader(find_weights(root / sub, TRANSFORMERS_WEIGHTS))
+
+        models = [load_clip(_clip_config(root / sub), reader(sub), dtype=dtype, device=device)
+                  for sub in ("text_encoder", "text_encoder_2")]
         if t5:
             from transformers import T5Config
 
             t5_config = T5Config.from_pretrained(str(root / "text_encoder_3"))
-            models.append(load_t5(t5_config, SafetensorsReader(find_weights(root / "text_encoder_3", "model.safetensors")),
-                                  dtype=dtype, device=device))
+            models.append(load_t5(t5_config, reader("text_encoder_3"), dtype=dtype, device=device))
         return cls._assemble(load_tokenizers(root, t5=t5), models, context_dim)
 
     @classmethod
@@ -154,8 +157,7 @@ def clip_features(tokenizer, encoder: CLIPTextModelWithProjection, prompts: list
     """One CLIP: (penultimate hidden states (B, 77, D), projected pooled EOS state (B, P))."""
     ids = tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                     return_tensors="pt").input_ids  # (B, 77); CLIP-L pads with EOS 49407, CLIP-G with "!" = 0
-    device = encoder.text_model.final_layer_norm.weight.device
-    out = encoder(ids.to(device), output_hidden_states=True)
+    out = encoder(ids.to(encoder.device), output_hidden_states=True)
     return out.hidden_states[-2], out.text_embeds
 
 
