@@ -215,6 +215,15 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
 
     @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (the decoder's input conv stands for all: `to(dtype)` converts every one)."""
+        return self.decoder.conv_in.weight.dtype
+
+    @property
     def downscale(self) -> int:
         """Image pixels per latent pixel per side (8 for SD3)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
