@@ -34,7 +34,9 @@ from .keymaps.rules import Rule
 from .weights import TRANSFORMERS_WEIGHTS, CheckpointError, SafetensorsReader, find_weights, load_into
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
-T5_TOKENS = 77  # initml fork: tokenizer_max_length (README F5); diffusers 0.42 defaults to 256
+# initml/diffusers fork (the Flash SD3 model card's): _get_t5_prompt_embeds pads to tokenizer_max_length = 77;
+# diffusers 0.42 pads to max_sequence_length, default 256 (pipeline_stable_diffusion_3.py)
+T5_TOKENS = 77
 CONTEXT_DIM = 4096  # transformer joint_attention_dim = T5-XXL d_model
 # Architecture configs for single files, which carry none. clip_l/clip_g: copies of SD3-medium's
 # text_encoder{,_2}/config.json. t5xxl: google/t5-v1_1-xxl hyperparameters as a T5EncoderModel config.
@@ -164,7 +166,7 @@ def clip_features(tokenizer, encoder: CLIPTextModelWithProjection, prompts: list
 def load_tokenizers(source: str | Path | None = None, *, t5: bool = False):
     """(tokenizer, tokenizer_2, tokenizer_3 or None) from the subfolders of a diffusers folder or hub
     repo; with no source, SD3's CLIP tokenizers shipped in the package (flashsd3.tokenizers).
-    The two CLIP tokenizers share one BPE vocabulary and differ in padding (README F6)."""
+    The two CLIP tokenizers share one BPE vocabulary and differ in padding (see flashsd3/tokenizers.py)."""
     if source is None:
         if t5:
             raise ValueError("T5 needs a tokenizer source (a folder or hub repo with tokenizer_3/)")

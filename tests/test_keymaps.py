@@ -6,7 +6,7 @@ import torch
 
 from flashsd3 import SD3_MEDIUM, TINY, MMDiT
 from flashsd3.keymaps.mmdit import ORIGINAL_PREFIX, diffusers_table
-from flashsd3.keymaps.rules import identity_table, plan_keys
+from flashsd3.keymaps.rules import as_is, conv1x1_to_linear, fuse_qkv, identity_table, plan_keys, swap_halves
 from flashsd3.mmdit import from_diffusers_state_dict, to_diffusers_state_dict
 from flashsd3.mmdit.loading import infer_config
 from helpers_reference import KeyListReader, read_tsv
@@ -85,3 +85,25 @@ def test_every_rule_is_used_or_optional():
     for rule in diffusers_table(cfg.depth):
         if "{i}" in rule.ours:
             assert any(s in used for s in rule.sources), rule
+
+
+@pytest.mark.parametrize("transform, shapes", [
+    (as_is, [(6, 4)]), (fuse_qkv, [(6, 4)] * 3), (swap_halves, [(6, 4)]), (conv1x1_to_linear, [(6, 4, 1, 1)]),
+])
+def test_transforms_invert_and_shape_agree_with_apply(transform, shapes):
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(s, generator=g) for s in shapes]
+    ours = transform.apply(*parts)
+    assert tuple(ours.shape) == transform.shape(*shapes)
+    assert all(torch.equal(a, b) for a, b in zip(transform.invert(ours, len(parts)), parts, strict=True))
+    # each source's rows sit in its row slice of ours, in our row order (what a LoRA B relies on)
+    for part, rows in zip(parts, transform.row_slices(ours.shape[0], len(parts)), strict=True):
+        if transform is not conv1x1_to_linear:
+            assert torch.equal(ours[rows], transform.to_our_rows(part))
+
+
+def test_transform_shape_refusals():
+    assert fuse_qkv.shape((6, 4), (6, 5)) is None
+    assert swap_halves.shape((5, 4)) is None
+    assert conv1x1_to_linear.shape((6, 4, 3, 3)) is None
+    assert fuse_qkv.row_slices(48, 3) == [slice(0, 16), slice(16, 32), slice(32, 48)]

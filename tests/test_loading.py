@@ -199,3 +199,42 @@ def test_bad_config_json(tmp_path, ref):
     (tmp_path / "config.json").write_text(json.dumps({"num_layers": 3}))
     with pytest.raises(CheckpointError, match="not a usable SD3Transformer2DModel config"):
         load_transformer(tmp_path)
+
+
+def test_missing_fused_part_is_reported_once_as_missing(tmp_path, ref):
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    del sd["transformer_blocks.1.attn.to_k.weight"]  # its to_q / to_v siblings stay
+    save_file(sd, tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_diffusers()))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): transformer_blocks\.1\.attn\.to_k\.weight$") as e:
+        load_transformer(tmp_path)
+    assert "unexpected" not in str(e.value)
+
+
+def test_nan_or_inf_tensor_is_named(orig_file):
+    key = ORIGINAL_PREFIX + "joint_blocks.1.context_block.mlp.fc1.weight"
+
+    def poison(sd):
+        sd[key] = sd[key].clone()
+        sd[key][0, 3] = float("inf")
+
+    path = orig_file(poison)
+    with pytest.raises(CheckpointError, match=rf"1 tensors hold NaN or inf values.*{path}: {key}"):
+        load_transformer(path, config=CFG)
+
+
+def test_folder_listing_is_capped(tmp_path):
+    for n in range(40):
+        (tmp_path / f"file_{n:02d}.txt").write_text("")
+    with pytest.raises(CheckpointError, match=r"found file_00\.txt, .*file_07\.txt, \.\.\. and 32 more$"):
+        load_transformer(tmp_path)
+
+
+def test_from_diffusers_state_dict_copies_and_refuses_the_official_layout(ref):
+    model = from_diffusers_state_dict(ref.state_dict(), CFG)
+    ptrs = {t.data_ptr() for t in ref.state_dict().values()}
+    assert not any(t.data_ptr() in ptrs for t in model.state_dict().values())  # a copy, as a file load
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float64)
+    assert from_diffusers_state_dict(ref.state_dict(), CFG, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(CheckpointError, match="not diffusers'"):
+        from_diffusers_state_dict(model.state_dict(), CFG)

@@ -1,6 +1,8 @@
 """flashsd3.lora vs peft / diffusers on random tiny SD3 transformers (float64, CPU), plus refusals."""
+import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -437,3 +439,32 @@ def test_hub_repo_id_through_snapshot_download(flash, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     refuses(flash, "jasperai/flash-sd3", "could not get the LoRA .* from the Hugging Face hub.*no network")
+
+
+def test_refuses_nan_or_inf_values_naming_file_and_key(flash, tmp_path):
+    sd = peft_state(flash)
+    key = "base_model.model.transformer_blocks.1.ff.net.2.lora_B.weight"
+    sd[key] = sd[key].clone()
+    sd[key][2, 1] = float("nan")
+    folder = write_peft(tmp_path, sd)
+    refuses(flash, folder, rf"{folder / 'adapter_model.safetensors'}: LoRA tensor '{key}' holds NaN or inf")
+
+
+def test_adapter_for_another_width_is_summarised(flash, tmp_path):
+    wide = dataclasses.replace(TINY, head_dim=16)  # width 32, TINY is 16
+    model = get_peft_model(random_diffusers_transformer(wide, torch.float64, seed=2), lora_config(r=4))
+    model.save_pretrained(tmp_path)
+    ours = fresh(flash["state"])
+    with pytest.raises(LoRAError, match="adapter is for width 32, model has 16; for example") as e:
+        load_lora(ours, tmp_path)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 + 5 + 1 and re.fullmatch(r"  \.\.\. and \d+ more", lines[-1])  # not one per tensor
+
+
+def test_same_name_twice_says_how_to_load_both(flash):
+    ours = fresh(flash["state"])
+    load_lora(ours, flash["folder"])
+    with pytest.raises(LoRAError, match=r"already loaded: either the same LoRA is given twice.*name='other'"):
+        load_lora(ours, flash["folder"])
+    load_lora(ours, flash["folder"], name="other")
+    assert len(lora_info(ours)) == 2

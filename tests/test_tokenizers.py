@@ -23,7 +23,8 @@ def test_known_ids_and_padding():
     g = tok_g("hello!", padding="max_length", max_length=77).input_ids
     assert len(l) == len(g) == 77
     # tokenizer/ pads with <|endoftext|>; tokenizer_2/ pads with "!" (id 0), which HF also splits out
-    # of the text as a special token (README F6), exactly as diffusers tokenizes.
+    # of the text as a special token (its tokenizer_config.json lists "!" as an added token), exactly as
+    # diffusers tokenizes.
     assert l[:4] == [49406, 3306, 256, 49407] and l[4:] == [49407] * 73
     assert g[:4] == [49406, 3306, 0, 49407] and g[4:] == [0] * 73
 

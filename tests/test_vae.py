@@ -78,7 +78,7 @@ def test_decode_encode_match_diffusers(name, dtype, tmp_path):
     ref = diffusers_vae(cfg, seed=1)
     ref.save_pretrained(tmp_path)  # config.json + diffusion_pytorch_model.safetensors (float32)
     ours = load_vae(tmp_path, dtype=dtype)
-    assert ours.config == cfg and next(ours.parameters()).dtype == dtype
+    assert ours.config == cfg and ours.dtype == dtype and ours.device == torch.device("cpu")
     ref = ref.to(dtype)
     x, z = inputs(cfg, dtype)
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Our models ARE the transformers classes (`CLIPTextModelWithProjection`, `T5EncoderModel`), and both a
 diffusers folder (`text_encoder*/model.safetensors`) and a Stability single file (under the prefixes
-below; reference README F3) use their key names unchanged, so every row is an identity. Listing the
+below, which diffusers' `loaders/single_file_utils.py` strips: `convert_ldm_clip_checkpoint`,
+`convert_sd3_t5_checkpoint_to_diffusers`) use their key names unchanged, so every row is an identity. Listing the
 rows anyway makes the loader strict: a key the model does not expect is an error, not silently dropped.
 """
 from __future__ import annotations
