@@ -26,9 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -37,7 +37,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import flops as F  # noqa: E402  (bench/flops.py, beside this file)
-from flashsd3 import MMDiT, VAE, FlashSD3Pipeline, TextEncoders, load_lora, merge_lora  # noqa: E402
+
+from flashsd3 import VAE, FlashSD3Pipeline, MMDiT, TextEncoders, load_lora, merge_lora  # noqa: E402
 from flashsd3.config import FLASH_SD3_ADAPTER, SD3_MEDIUM, SD3_VAE  # noqa: E402
 from flashsd3.mmdit import from_diffusers_state_dict  # noqa: E402
 from flashsd3.text_encoders import CONFIG_DIR  # noqa: E402
@@ -474,7 +475,7 @@ def table(rows: list[Row], rate: float) -> list[str]:
     for r in rows:
         card, merged = baseline(rows, r, "card"), baseline(rows, r, "merged")
         floor = r.flops / rate * 1e3
-        ratio = lambda b: f"{r.median / b.median:.3f}" if b else "-"  # noqa: E731
+        ratio = lambda b, r=r: f"{r.median / b.median:.3f}" if b else "-"  # noqa: E731
         peak = f"{r.peak / 2**20:.0f}" if r.peak is not None else "-"
         out.append(f"| {r.phase} | {r.batch} | {r.variant.name} | {r.median:.2f} | {min(r.ms):.2f} | {max(r.ms):.2f} "
                    f"| {peak} | {ratio(card)} | {ratio(merged)} | {floor:.2f} | {r.median / floor:.2f} "

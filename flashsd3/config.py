@@ -48,7 +48,7 @@ class MMDiTConfig:
         return self.patch_size * self.patch_size * self.out_channels
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "MMDiTConfig":
+    def from_diffusers(cls, cfg: dict) -> MMDiTConfig:
         """Build from a diffusers `SD3Transformer2DModel` config.json dict."""
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         if cfg.get("caption_projection_dim", hidden) != hidden:
@@ -105,7 +105,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True  # diffusers default; not in SD3's config
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "VAEConfig":
+    def from_diffusers(cls, cfg: dict) -> VAEConfig:
         known = {f.name for f in fields(cls)}
         if cfg.get("use_quant_conv") or cfg.get("use_post_quant_conv"):
             raise ValueError("SD3 VAE has no quant_conv/post_quant_conv; this config asks for them")

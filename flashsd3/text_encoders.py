@@ -25,12 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .keymaps.rules import Rule
 from .keymaps.text import (
-    CLIP_G_PREFIX, CLIP_IGNORE, CLIP_L_PREFIX, CLIP_L_SINGLE_FILE_IGNORE, CLIP_TABLE, T5_EMBEDDING_KEYS,
-    T5_PREFIX, T5_TABLE,
+    CLIP_G_PREFIX,
+    CLIP_IGNORE,
+    CLIP_L_PREFIX,
+    CLIP_L_SINGLE_FILE_IGNORE,
+    CLIP_TABLE,
+    T5_EMBEDDING_KEYS,
+    T5_PREFIX,
+    T5_TABLE,
 )
 from .tokenizers import sd3_clip_tokenizers
-from .keymaps.rules import Rule
 from .weights import TRANSFORMERS_WEIGHTS, CheckpointError, SafetensorsReader, find_weights, load_into
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
@@ -93,7 +99,7 @@ class TextEncoders(nn.Module):
                                 add_special_tokens=True, return_tensors="pt").input_ids  # (B, tokens)
         return self.t5(ids.to(self.t5.device)).last_hidden_state.to(self.dtype)  # no attention mask, as diffusers
 
-    def offload(self, device: torch.device | str = "cpu") -> "TextEncoders":
+    def offload(self, device: torch.device | str = "cpu") -> TextEncoders:
         """Move the encoders off the accelerator (after encoding) and return its cached memory."""
         self.to(device)
         if torch.cuda.is_available():
@@ -105,7 +111,7 @@ class TextEncoders(nn.Module):
     @classmethod
     def from_diffusers_folder(cls, path: str | Path, *, dtype: torch.dtype = torch.float16,
                               device: torch.device | str = "cpu", t5: bool = False,
-                              context_dim: int = CONTEXT_DIM) -> "TextEncoders":
+                              context_dim: int = CONTEXT_DIM) -> TextEncoders:
         """Load text_encoder{,_2} + tokenizer{,_2} (and text_encoder_3 + tokenizer_3 if `t5`) from a
         diffusers model folder (e.g. stable-diffusion-3-medium-diffusers). Weights must be safetensors."""
         root = Path(path)
@@ -127,7 +133,7 @@ class TextEncoders(nn.Module):
                          dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
                          t5: bool = False, context_dim: int = CONTEXT_DIM,
                          clip_l_config: CLIPTextConfig | None = None, clip_g_config: CLIPTextConfig | None = None,
-                         t5_config=None) -> "TextEncoders":
+                         t5_config=None) -> TextEncoders:
         """Load `text_encoders.{clip_l,clip_g[,t5xxl]}.transformer.*` from a Stability single file.
 
         The file has no configs: SD3's are shipped in flashsd3/configs/ (override with *_config).
@@ -149,7 +155,7 @@ class TextEncoders(nn.Module):
         return cls._assemble(load_tokenizers(tokenizer_source, t5=t5), models, context_dim)
 
     @classmethod
-    def _assemble(cls, tokenizers, models, context_dim) -> "TextEncoders":
+    def _assemble(cls, tokenizers, models, context_dim) -> TextEncoders:
         tok_l, tok_g, tok_t5 = tokenizers
         clip_l, clip_g, t5 = (*models, None)[:3]
         return cls(tok_l, clip_l, tok_g, clip_g, tok_t5, t5, context_dim=context_dim)
@@ -223,7 +229,7 @@ def load_t5(config, reader: SafetensorsReader, prefix: str = "", *, dtype: torch
     load_into(model, reader, table, prefix=prefix, ignore=ignore, dtype=dtype, device=device)
     model.set_input_embeddings(model.shared)  # re-tie: the strict load assigned two copies
     if dtype == torch.float16:  # transformers keeps T5's FF output (`wo`) in fp32: fp16 overflows there
-        for name, param in model.named_parameters():
+        for name, _ in model.named_parameters():
             if name.endswith(".DenseReluDense.wo.weight"):
                 fp32 = reader.get(prefix + name, torch.float32).to(device)
                 model.get_submodule(name.rsplit(".", 1)[0]).weight = nn.Parameter(fp32, requires_grad=False)

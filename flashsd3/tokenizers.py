@@ -22,7 +22,7 @@ MERGES = ASSETS / "clip_bpe_merges.txt.gz"
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte -> printable character table, in vocabulary order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in keep]
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(others))]  # open_clip's order
 

@@ -37,7 +37,8 @@ def test_sd3_medium_shape_matches_diffusers_on_gpu(dtype):
         ours_out = ours(lat.to(dtype), t, ctx.to(dtype), pooled.to(dtype)).float()
         ref_out = run_reference(ref, lat.to(dtype), t, ctx.to(dtype), pooled.to(dtype)).float()
     e_ours, e_ref = rel_l2(ours_out, truth), rel_l2(ref_out, truth)
-    print(f"{dtype}: ours vs fp32 {e_ours:.2e}, diffusers vs fp32 {e_ref:.2e}, ours vs diffusers {rel_l2(ours_out, ref_out):.2e}")
+    print(f"{dtype}: ours vs fp32 {e_ours:.2e}, diffusers vs fp32 {e_ref:.2e}, "
+          f"ours vs diffusers {rel_l2(ours_out, ref_out):.2e}")
     # Both carry the dtype's rounding; ours must be no worse than diffusers' own low-precision run (+10%).
     assert e_ours <= 1.1 * e_ref + 1e-4
 

@@ -155,7 +155,8 @@ def test_extra_key(orig_file):
 def test_wrong_shape(orig_file):
     key = ORIGINAL_PREFIX + "joint_blocks.2.x_block.attn.proj.weight"
     path = orig_file(lambda sd: sd.update({key: torch.zeros(16, 15, dtype=torch.float64)}))
-    with pytest.raises(CheckpointError, match=r"(?s)shape mismatches \(1\).*attn\.proj\.weight: expected \[16, 16\].*\[16, 15\]"):
+    match = r"(?s)shape mismatches \(1\).*attn\.proj\.weight: expected \[16, 16\].*\[16, 15\]"
+    with pytest.raises(CheckpointError, match=match):
         load_transformer(path, config=CFG)
 
 

@@ -12,20 +12,20 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flashsd3 import MMDiT, SD3_MEDIUM, TINY
+from flashsd3 import SD3_MEDIUM, TINY, MMDiT
+from flashsd3.keymaps.rules import swap_halves
 from flashsd3.lora import LoRAError, load_lora, lora_info, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from flashsd3.lora.formats import LoRASource, peft_selects, plan_lora
 from flashsd3.lora.keys import diffusers_targets
-from flashsd3.keymaps.rules import swap_halves
 from flashsd3.lora.layers import LoRALayer
 from flashsd3.mmdit import from_diffusers_state_dict
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 pytest.importorskip("peft", reason="peft is the parity reference (test extra)")
-from helpers_mmdit import random_diffusers_transformer, random_inputs, run_reference  # noqa: E402
-from metrics import rel_l2  # noqa: E402
 from helpers_lora import PUBLISHED, lora_config  # noqa: E402
+from helpers_mmdit import random_diffusers_transformer, random_inputs, run_reference  # noqa: E402
 from helpers_reference import KeyListReader, read_json, read_tsv  # noqa: E402
+from metrics import rel_l2  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
@@ -95,7 +95,8 @@ def test_peft_save_writes_the_published_key_form(flash):
     assert len(keys) == 48 and all(k.startswith("base_model.model.") for k in keys)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     saved = json.loads((flash["folder"] / "adapter_config.json").read_text())
-    assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (64, 8, sorted(PUBLISHED["target_modules"]))
+    shape = (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"]))
+    assert shape == (64, 8, sorted(PUBLISHED["target_modules"]))
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.4])
@@ -180,7 +181,8 @@ def test_rank_alpha_patterns_and_rslora_match_peft(tmp_path):
 def peft_tensors(flash) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """diffusers module path -> (A, B) of the Flash-config test adapter."""
     sd = {k.removeprefix("base_model.model."): v for k, v in peft_state(flash).items()}
-    return {k.removesuffix(".lora_A.weight"): (v, sd[k.replace("lora_A", "lora_B")]) for k, v in sd.items() if "lora_A" in k}
+    return {k.removesuffix(".lora_A.weight"): (v, sd[k.replace("lora_A", "lora_B")])
+            for k, v in sd.items() if "lora_A" in k}
 
 
 def test_diffusers_file_with_metadata_matches_peft(flash, tmp_path):
@@ -197,7 +199,8 @@ def test_diffusers_file_with_metadata_matches_peft(flash, tmp_path):
 
 def test_diffusers_file_without_metadata_matches_diffusers_loader(flash, tmp_path):
     """No alpha anywhere: diffusers 0.42.1 applies B @ A at scale 1.0, and so do we."""
-    sd = {f"transformer.{p}.lora_{ab}.weight": t for p, (A, B) in peft_tensors(flash).items() for ab, t in (("A", A), ("B", B))}
+    sd = {f"transformer.{p}.lora_{ab}.weight": t
+          for p, (A, B) in peft_tensors(flash).items() for ab, t in (("A", A), ("B", B))}
     save_file(sd, tmp_path / "pytorch_lora_weights.safetensors")
     ref = random_diffusers_transformer(TINY, torch.float64, seed=0)  # the same base weights as `flash`
     ref.load_lora_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"), prefix="transformer")
@@ -235,7 +238,8 @@ def kohya_from_peft(tensors, alpha: float) -> dict[str, torch.Tensor]:
                "transformer_blocks.1.norm1_context.linear": "joint_blocks.1.context_block.adaLN_modulation.1"}
     for i in range(2):
         names.update({f"transformer_blocks.{i}.{d}": f"joint_blocks.{i}.{o}" for d, o in [
-            ("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+            ("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"),
+            ("ff.net.2", "x_block.mlp.fc2"),
             ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("norm1.linear", "x_block.adaLN_modulation.1")]})
     names["transformer_blocks.0.norm1_context.linear"] = "joint_blocks.0.context_block.adaLN_modulation.1"
     out = {}
@@ -251,7 +255,8 @@ def kohya_from_peft(tensors, alpha: float) -> dict[str, torch.Tensor]:
             put(swapped[path], A, torch.cat(B.chunk(2)[::-1]), alpha)
     for i in range(2):
         qkv = [tensors[f"transformer_blocks.{i}.attn.to_{c}"] for c in "qkv"]
-        put(f"joint_blocks.{i}.x_block.attn.qkv", torch.cat([a for a, _ in qkv]), torch.block_diag(*[b for _, b in qkv]), 3 * alpha)
+        put(f"joint_blocks.{i}.x_block.attn.qkv", torch.cat([a for a, _ in qkv]),
+            torch.block_diag(*[b for _, b in qkv]), 3 * alpha)
     return out
 
 
@@ -358,7 +363,8 @@ def test_published_adapter_maps_onto_sd3_medium():
     assert len({p.target.module for p in pieces}) == 222 - 2 * 24  # to_q, to_k, to_v -> one qkv per block
     swapped = {p.source for p in pieces if p.target.rows is swap_halves}
     assert swapped == {"norm_out.linear", "transformer_blocks.23.norm1_context.linear"}
-    qkv = sorted((p.target.start, p.target.stop) for p in pieces if p.target.module == "joint_blocks.5.x_block.attn.qkv")
+    qkv = sorted((p.target.start, p.target.stop) for p in pieces
+                 if p.target.module == "joint_blocks.5.x_block.attn.qkv")
     assert qkv == [(0, 1536), (1536, 3072), (3072, 4608)]
 
 
@@ -400,7 +406,8 @@ def test_refuses_missing_or_inconsistent_adapter_config(flash, tmp_path):
     sd = peft_state(flash)
     refuses(flash, write_peft(tmp_path / "none", sd, config=None), "without adapter_config.json")
     refuses(flash, write_peft(tmp_path / "r", sd, config={**PUBLISHED, "r": 32}), "rank 32 for .*has shape")
-    refuses(flash, write_peft(tmp_path / "dora", sd, config={**PUBLISHED, "use_dora": True}), "use_dora=True is not supported")
+    refuses(flash, write_peft(tmp_path / "dora", sd, config={**PUBLISHED, "use_dora": True}),
+            "use_dora=True is not supported")
     refuses(flash, write_peft(tmp_path / "t", sd, config={**PUBLISHED, "target_modules": ["to_q"]}), "does not select")
     (tmp_path / "bad").mkdir()
     shutil.copy(flash["folder"] / "adapter_model.safetensors", tmp_path / "bad")

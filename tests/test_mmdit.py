@@ -13,7 +13,8 @@ from metrics import rel_l2  # noqa: E402
 
 CONFIGS = {
     "tiny": TINY,
-    "patch1_3heads": dataclasses.replace(TINY, depth=3, num_heads=3, patch_size=1, pos_embed_max_size=24, sample_size=16),
+    "patch1_3heads": dataclasses.replace(TINY, depth=3, num_heads=3, patch_size=1, pos_embed_max_size=24,
+                                         sample_size=16),
     "wide_ctx": dataclasses.replace(TINY, depth=1, context_dim=48, pooled_dim=40, in_channels=16, out_channels=16),
 }
 # SD3.5 features. diffusers' RMSNorm computes the variance in float32 even for float64 inputs, so the

@@ -26,9 +26,8 @@ import torch
 from flashsd3 import FlashSD3Pipeline
 from flashsd3.pipeline import PerImageNoise
 from flashsd3.sampling import flash as flash_module
-from flashsd3.sampling import flash_sigmas
+from flashsd3.sampling import flash_sigmas, flow_match_sigmas
 from flashsd3.sampling import flow_match as flow_match_module
-from flashsd3.sampling import flow_match_sigmas
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
 from helpers_pipeline import initial_latents, make_twins, run_diffusers, run_ours  # noqa: E402
@@ -57,7 +56,7 @@ def compare(ours, ref):
     (img, lat), (ref_img, ref_lat) = ours, ref
     assert img.shape == ref_img.shape and len(lat) == len(ref_lat)
     assert img.dtype == ref_img.dtype  # the VAE's dtype, at least float32, as diffusers
-    return max_abs(img, ref_img), max(rel_max(a, b) for a, b in zip(lat, ref_lat))
+    return max_abs(img, ref_img), max(rel_max(a, b) for a, b in zip(lat, ref_lat, strict=True))
 
 
 def diffusers_flash_step(x, velocity, sigma, sigma_next, noise):

@@ -19,14 +19,14 @@ def test_vocab_and_merges_equal_the_reference_files():
 def test_known_ids_and_padding():
     tok_l, tok_g = sd3_clip_tokenizers()
     assert tok_l("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # known CLIP ids
-    l = tok_l("hello!", padding="max_length", max_length=77).input_ids
-    g = tok_g("hello!", padding="max_length", max_length=77).input_ids
-    assert len(l) == len(g) == 77
+    ids_l = tok_l("hello!", padding="max_length", max_length=77).input_ids
+    ids_g = tok_g("hello!", padding="max_length", max_length=77).input_ids
+    assert len(ids_l) == len(ids_g) == 77
     # tokenizer/ pads with <|endoftext|>; tokenizer_2/ pads with "!" (id 0), which HF also splits out
     # of the text as a special token (its tokenizer_config.json lists "!" as an added token), exactly as
     # diffusers tokenizes.
-    assert l[:4] == [49406, 3306, 256, 49407] and l[4:] == [49407] * 73
-    assert g[:4] == [49406, 3306, 0, 49407] and g[4:] == [0] * 73
+    assert ids_l[:4] == [49406, 3306, 256, 49407] and ids_l[4:] == [49407] * 73
+    assert ids_g[:4] == [49406, 3306, 0, 49407] and ids_g[4:] == [0] * 73
 
 
 def test_folders_load_with_from_pretrained(tmp_path):

@@ -11,7 +11,7 @@ nn.Linear); peft instead wraps the layer and moves the weight to `base_layer.wei
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

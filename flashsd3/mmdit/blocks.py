@@ -87,7 +87,8 @@ class JointBlock(nn.Module):
 
     keep_attn_probs = False  # analysis: MMDiT.forward sets it on one block for Capture(attn_probs_of=i)
 
-    def forward(self, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(self, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """ctx (B, L, D), x (B, N, D), vec (B, D) -> (ctx or None after the last block, x)."""
         c, xb = self.context_block, self.x_block
         c_mod, x_mod = c.modulations(vec), xb.modulations(vec)
@@ -97,7 +98,8 @@ class JointBlock(nn.Module):
         c_q, c_k, c_v = c.attn.qkv_heads(modulate(c.norm1(ctx), c_mod.attn))  # (B, H, L, Dh)
         x_norm = xb.norm1(x)
         x_q, x_k, x_v = xb.attn.qkv_heads(modulate(x_norm, x_mod.attn))  # (B, H, N, Dh)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # context first, as mmditx.py
+        # context tokens first, as mmditx.py (diffusers joins image first: equal up to float rounding)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # (B, H, L+N, Dh)
         if self.keep_attn_probs:
             self.attn_probs = attention_probs(q, k)  # (B, H, L+N, L+N)
         attn = attention(q, k, v)  # (B, L+N, D)

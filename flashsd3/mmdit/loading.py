@@ -23,7 +23,13 @@ from ..config import MMDIT_PRESETS, MMDiTConfig
 from ..keymaps import mmdit as km
 from ..keymaps.rules import export_state_dict, identity_table
 from ..weights import (
-    DIFFUSERS_WEIGHTS, CheckpointError, Reader, StateDictReader, detect_layout, load_into, open_checkpoint,
+    DIFFUSERS_WEIGHTS,
+    CheckpointError,
+    Reader,
+    StateDictReader,
+    detect_layout,
+    load_into,
+    open_checkpoint,
     read_config,
 )
 from .model import MMDiT

@@ -7,7 +7,8 @@ Decoder, DiagonalGaussianDistribution), `unets/unet_2d_blocks.py` (UNetMidBlock2
 
 Parameter names are diffusers' (`decoder.up_blocks.0.resnets.1.conv1`, `mid_block.attentions.0.to_q`),
 so a diffusers file loads unchanged; the LDM names of Stability single files map through
-`flashsd3/keymaps/vae.py` (loader: `vae/loading.py`). Shapes: images (B, 3, H, W) in [-1, 1]; VAE latents z (B, 16, H/8, W/8).
+`flashsd3/keymaps/vae.py` (loader: `vae/loading.py`). Shapes: images (B, 3, H, W) in [-1, 1]; VAE
+latents z (B, 16, H/8, W/8).
 The diffusion model works on `vae_to_latents(z)`, normalised by the config's scale and shift.
 """
 from __future__ import annotations
@@ -187,7 +188,7 @@ class DiagonalGaussian:
     logvar: torch.Tensor  # same shape, clamped to [-30, 20] as LDM/diffusers do
 
     @classmethod
-    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar.clamp(-30.0, 20.0))
 
