@@ -121,10 +121,6 @@ class AdapterConfig:
     alpha: float  # lora_alpha
     target_modules: tuple[str, ...]  # PEFT suffix match on diffusers module names (lora/formats.py peft_selects)
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 # Presets -------------------------------------------------------------------------------------
 

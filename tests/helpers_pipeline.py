@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from helpers_mmdit import random_diffusers_transformer
-from helpers_text import tiny_clip_pair
 
 from flashsd3 import TINY, FlashSD3Pipeline, TextEncoders, VAEConfig, load_vae
 from flashsd3.mmdit import from_diffusers_state_dict
+from helpers_mmdit import random_diffusers_transformer
+from helpers_text import tiny_clip_pair
 
 # SD3's VAE layout (no quant convs, scaling 1.5305 / shift 0.0609 from vae/config.json), three levels
 TINY_VAE3 = VAEConfig(latent_channels=TINY.in_channels, block_out_channels=(8, 16, 16), layers_per_block=1,

@@ -3,13 +3,13 @@ import dataclasses
 
 import pytest
 import torch
-from helpers_reference import KeyListReader, read_tsv
 
 from flashsd3 import SD3_MEDIUM, TINY, MMDiT
 from flashsd3.keymaps.mmdit import ORIGINAL_PREFIX, diffusers_table
 from flashsd3.keymaps.rules import as_is, conv1x1_to_linear, fuse_qkv, identity_table, plan_keys, swap_halves
 from flashsd3.mmdit import from_diffusers_state_dict, to_diffusers_state_dict
 from flashsd3.mmdit.loading import infer_config
+from helpers_reference import KeyListReader, read_tsv
 
 
 def sd3_medium_meta():

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from flashsd3 import TINY, load_transformer
 from flashsd3.keymaps.mmdit import ORIGINAL_PREFIX
-from flashsd3.mmdit import from_diffusers_state_dict
+from flashsd3.mmdit import from_diffusers_state_dict, transformer_config
 from flashsd3.weights import CheckpointError
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
@@ -79,6 +79,15 @@ def test_single_diffusers_file_infers_config(tmp_path, ref64, inputs64):
         model = load_transformer(path)
     assert dataclasses.replace(model.config, sample_size=CFG64.sample_size) == CFG64
     assert rel_l2(forward(model, inputs64), run_reference(ref64, *inputs64)) < 1e-10
+
+
+def test_transformer_config_reads_headers_only(tmp_path, ref64):
+    ref64.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    assert transformer_config(tmp_path / "folder") == CFG64  # from config.json
+    save_file({k: v.contiguous() for k, v in ref64.state_dict().items()}, tmp_path / "one.safetensors")
+    with pytest.warns(UserWarning, match="matches no preset"):
+        inferred = transformer_config(tmp_path / "one.safetensors")  # from the shapes in the header
+    assert dataclasses.replace(inferred, sample_size=CFG64.sample_size) == CFG64
 
 
 def test_width_without_64_channel_heads_needs_config(tmp_path, ref, inputs, expected):

@@ -22,12 +22,13 @@ from flashsd3.mmdit import from_diffusers_state_dict
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 pytest.importorskip("peft", reason="peft is the parity reference (test extra)")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
 from helpers_lora import PUBLISHED, lora_config  # noqa: E402
 from helpers_mmdit import random_diffusers_transformer, random_inputs, run_reference  # noqa: E402
 from helpers_reference import KeyListReader, read_json, read_tsv  # noqa: E402
 from metrics import rel_l2  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
 
 FLOAT64_TOL = 1e-10  # float64: LoRA on fused qkv vs separate q/k/v changes summation order only
 

@@ -7,6 +7,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from flashsd3.keymaps.text import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
+from flashsd3.text_encoders import TextEncoders, load_t5, load_tokenizers
+from flashsd3.weights import CheckpointError, SafetensorsReader
 from helpers_text import (
     save_diffusers_text_folder,
     save_text_single_file,
@@ -14,11 +19,6 @@ from helpers_text import (
     tiny_clip_pair,
     tiny_t5,
 )
-from safetensors.torch import save_file
-
-from flashsd3.keymaps.text import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
-from flashsd3.text_encoders import TextEncoders, load_t5, load_tokenizers
-from flashsd3.weights import CheckpointError, SafetensorsReader
 
 CONTEXT = 32  # flashsd3.TINY.context_dim: CLIP 8 + 16 = 24 features, zero-padded to 32
 LONG = "a photo of a cat on mars, " * 12  # > 77 CLIP tokens: exercises truncation

@@ -8,8 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_reference import KeyListReader, read_json, read_tsv
-from metrics import rel_max
 from safetensors.torch import save_file
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +18,8 @@ from flashsd3.keymaps import vae as km
 from flashsd3.keymaps.rules import export_state_dict, identity_table
 from flashsd3.vae import VAE, AttnBlock, infer_architecture, load_vae
 from flashsd3.weights import CheckpointError, SafetensorsReader, detect_layout, load_into
+from helpers_reference import KeyListReader, read_json, read_tsv
+from metrics import rel_max
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
 from diffusers import AutoencoderKL  # noqa: E402

@@ -43,10 +43,22 @@ def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None, config: MMDiTConfig | None = None) -> MMDiT:
     """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype; tensors are converted
     one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
-    reader, config_json = open_checkpoint(source, weights_name=DIFFUSERS_WEIGHTS, subfolder="transformer",
-                                          what="transformer")
+    reader, config_json = _open(source)
     config = config or read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
     return transformer_from_reader(reader, config, dtype=dtype, device=device)
+
+
+def transformer_config(source: str | Path) -> MMDiTConfig:
+    """The config `load_transformer(source)` would use, read without loading any tensor: config.json,
+    else inferred from the safetensors headers (for checks before a model is loaded)."""
+    reader, config_json = _open(source)
+    layout = detect_layout(reader, km.LAYOUTS, "SD3 transformer")
+    return (read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
+            or infer_config(reader, layout.name, layout.prefix))
+
+
+def _open(source: str | Path):
+    return open_checkpoint(source, weights_name=DIFFUSERS_WEIGHTS, subfolder="transformer", what="transformer")
 
 
 def from_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: MMDiTConfig | None = None, *,
