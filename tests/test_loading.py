@@ -248,3 +248,15 @@ def test_from_diffusers_state_dict_copies_and_refuses_the_official_layout(ref):
     assert from_diffusers_state_dict(ref.state_dict(), CFG, dtype=torch.float32).dtype == torch.float32
     with pytest.raises(CheckpointError, match="not diffusers'"):
         from_diffusers_state_dict(model.state_dict(), CFG)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    from flashsd3.weights import all_finite
+
+    assert all_finite(torch.randn(1000).to(dtype)) and all_finite(torch.empty(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 517, 999):
+            t = torch.randn(1000).to(dtype)
+            t[pos] = bad
+            assert not all_finite(t), (bad, pos)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..weights import all_finite
 from .formats import LoRAError, Piece, open_lora, plan_lora
 from .layers import LoRALayer, LoRAUpdate, wrap
 
@@ -123,7 +124,7 @@ def _update(piece: Piece, reader, weight: torch.Tensor) -> LoRAUpdate:
 def _read(reader, key: str, weight: torch.Tensor) -> torch.Tensor:
     """One LoRA tensor in the layer's dtype and device, refused if it holds NaN/inf (one pass, on the device)."""
     t = reader.get(key).to(device=weight.device, dtype=weight.dtype)
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
                         "every image would be NaN (a damaged file, a diverged training run, or values too large "
                         "for this dtype)")
