@@ -41,9 +41,9 @@ def brief(names: Iterable, limit: int = 8) -> str:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in `t`. One reduction pass and no temporary as large as `t` (aminmax propagates
-    NaN and inf), so checking every tensor of a load costs a few % of reading it: measured on one CPU
-    thread, 44 ms per 20M fp16 values, where isfinite(t).all() takes 890 ms."""
+    """No NaN or inf in `t`: one reduction pass, no temporary as large as `t` (aminmax propagates NaN,
+    and inf shows as min or max). Measured on one shared CPU thread: 44 ms per 20M fp16 values, where
+    isfinite(t).all() takes 890 ms; on a GPU either is a fraction of the copy that put `t` there."""
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)

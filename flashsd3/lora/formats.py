@@ -31,6 +31,7 @@ from .keys import Target, diffusers_targets, original_targets, underscored
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers `loaders/lora_base.py` LORA_ADAPTER_METADATA_KEY
+MAX_ERRORS = 5  # problems listed in full; a LoRA for another model can have hundreds
 
 
 class LoRAError(CheckpointError):
@@ -232,9 +233,6 @@ def plan_lora(model: nn.Module, source: LoRASource) -> list[Piece]:
         raise LoRAError(f"{name}: cannot apply this LoRA ({fmt.name} layout)"
                         + (f": {width}; for example" if width else "") + f":\n  {shown}")
     return pieces
-
-
-MAX_ERRORS = 5  # problems listed in full; a LoRA for another model can have hundreds
 
 
 def _width_mismatch(model: nn.Module, pieces: list[Piece], reader: Reader) -> str | None:
