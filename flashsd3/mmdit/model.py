@@ -41,6 +41,16 @@ class Capture:
     attn_probs: torch.Tensor | None = None
 
 
+def _with_attn_probs(block: JointBlock, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor):
+    """Run `block` keeping its joint attention probabilities: (ctx, x, probs (B, H, L+N, L+N))."""
+    block.keep_attn_probs = True
+    try:
+        ctx, x = block(ctx, x, vec)
+        return ctx, x, block.__dict__.pop("attn_probs")
+    finally:
+        del block.keep_attn_probs  # back to the class default, False
+
+
 class MMDiT(nn.Module):
     """SD3's multimodal diffusion transformer (velocity prediction for rectified flow)."""
 
@@ -61,6 +71,13 @@ class MMDiT(nn.Module):
         )
         self.final_layer = FinalLayer(D, c.patch_dim)
 
+    def _init_pos_embed(self) -> torch.Tensor:
+        c = self.config
+        if self.x_embedder.proj.weight.is_meta:
+            return torch.empty(1, c.pos_embed_max_size**2, c.hidden_size, device="meta")
+        table = sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)
+        return table.unsqueeze(0)
+
     @property
     def device(self) -> torch.device:
         return self.pos_embed.device
@@ -69,13 +86,6 @@ class MMDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         """The parameters' dtype (`model.to(dtype)` converts them all, buffers included)."""
         return self.pos_embed.dtype
-
-    def _init_pos_embed(self) -> torch.Tensor:
-        c = self.config
-        if self.x_embedder.proj.weight.is_meta:
-            return torch.empty(1, c.pos_embed_max_size**2, c.hidden_size, device="meta")
-        table = sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)
-        return table.unsqueeze(0)
 
     def forward(
         self,
@@ -111,13 +121,3 @@ class MMDiT(nn.Module):
 
         patches = self.final_layer(x, vec)  # (B, N, p*p*C)
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
-
-
-def _with_attn_probs(block: JointBlock, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor):
-    """Run `block` keeping its joint attention probabilities: (ctx, x, probs (B, H, L+N, L+N))."""
-    block.keep_attn_probs = True
-    try:
-        ctx, x = block(ctx, x, vec)
-        return ctx, x, block.__dict__.pop("attn_probs")
-    finally:
-        del block.keep_attn_probs  # back to the class default, False
