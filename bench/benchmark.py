@@ -26,9 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -37,18 +37,13 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import flops as F  # noqa: E402  (bench/flops.py, beside this file)
-from flashsd3 import MMDiT, VAE, FlashSD3Pipeline, TextEncoders, load_lora, merge_lora  # noqa: E402
-from flashsd3.config import SD3_MEDIUM, SD3_VAE  # noqa: E402
-from flashsd3.keymaps.mmdit import diffusers_table  # noqa: E402
+
+from flashsd3 import VAE, FlashSD3Pipeline, MMDiT, TextEncoders, load_lora, merge_lora  # noqa: E402
+from flashsd3.config import FLASH_SD3_ADAPTER, SD3_MEDIUM, SD3_VAE  # noqa: E402
+from flashsd3.mmdit import from_diffusers_state_dict  # noqa: E402
 from flashsd3.text_encoders import CONFIG_DIR  # noqa: E402
 from flashsd3.tokenizers import sd3_clip_tokenizers  # noqa: E402
-from flashsd3.weights import TRANSFORMS, resolve  # noqa: E402
 
-# Flash SD3 adapter, from jasperai/flash-sd3 adapter_config.json (copy: shared/reference/
-# flash_sd3_adapter_config.json): r 64, lora_alpha 8 (scale 0.125), these target_modules.
-FLASH_R, FLASH_ALPHA = 64, 8
-FLASH_TARGETS = ["proj", "linear_1", "to_k", "proj_out", "linear_2", "to_out.0", "ff.net.2", "proj_in", "to_v",
-                 "to_q", "linear", "ff.net.0.proj"]
 # stabilityai/stable-diffusion-3-medium-diffusers vae/config.json (architecture fields)
 SD3_VAE_DIFFUSERS = dict(
     in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
@@ -105,13 +100,7 @@ def diffusers_transformer(cfg, device, seed: int):
 
 def ours_from_diffusers(ref, cfg) -> MMDiT:
     """Our MMDiT with the reference's weights, converted through our key table (copies, no sharing)."""
-    sd = ref.state_dict()
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-    plan = resolve(model.state_dict().keys(), diffusers_table(cfg.depth))
-    state = {k: TRANSFORMS[t].apply(*(sd[s] for s in srcs)).clone() for k, (srcs, t) in plan.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return from_diffusers_state_dict(ref.state_dict(), cfg).requires_grad_(False)
 
 
 def flash_adapter(peft_model, seed: int, folder: str) -> None:
@@ -282,7 +271,9 @@ def build_transformers(args, cfg, folder: str, checks: dict) -> dict:
     on batch-1 inputs is kept in `checks` before the weights are cast to the benchmark dtype."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    lora_cfg = LoraConfig(r=FLASH_R, lora_alpha=FLASH_ALPHA, target_modules=FLASH_TARGETS, lora_dropout=0.0)
+    flash = FLASH_SD3_ADAPTER  # the published adapter's rank, alpha and targets; random values
+    lora_cfg = LoraConfig(r=flash.rank, lora_alpha=flash.alpha, target_modules=list(flash.target_modules),
+                          lora_dropout=0.0)
     trained = get_peft_model(diffusers_transformer(cfg, args.device, seed=0), lora_cfg)
     flash_adapter(trained, seed=1, folder=folder)
     inp = transformer_inputs(cfg, 1, args, torch.float32)
@@ -484,7 +475,7 @@ def table(rows: list[Row], rate: float) -> list[str]:
     for r in rows:
         card, merged = baseline(rows, r, "card"), baseline(rows, r, "merged")
         floor = r.flops / rate * 1e3
-        ratio = lambda b: f"{r.median / b.median:.3f}" if b else "-"  # noqa: E731
+        ratio = lambda b, r=r: f"{r.median / b.median:.3f}" if b else "-"  # noqa: E731
         peak = f"{r.peak / 2**20:.0f}" if r.peak is not None else "-"
         out.append(f"| {r.phase} | {r.batch} | {r.variant.name} | {r.median:.2f} | {min(r.ms):.2f} | {max(r.ms):.2f} "
                    f"| {peak} | {ratio(card)} | {ratio(merged)} | {floor:.2f} | {r.median / floor:.2f} "

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Flash SD3 adapter (jasperai/flash-sd3 adapter_config.json, copied in /work/shared/reference/
-# flash_sd3_adapter_config.json): rank 64, and which diffusers layers it adapts (README F2 there).
-FLASH_RANK = 64
+from flashsd3.config import FLASH_SD3_ADAPTER  # rank 64; which diffusers layers it adapts: flash_lora_flops
 
 
 def linear(tokens: int, d_in: int, d_out: int) -> int:
@@ -58,7 +56,7 @@ def mmdit_flops(s: MMDiTShape, batch: int, lat_h: int, lat_w: int, ctx_tokens: i
 
 
 def flash_lora_flops(s: MMDiTShape, batch: int, lat_h: int, lat_w: int, ctx_tokens: int,
-                     rank: int = FLASH_RANK) -> int:
+                     rank: int = FLASH_SD3_ADAPTER.rank) -> int:
     """Extra FLOPs of the Flash adapter run unmerged (x -> A -> B on every adapted layer).
 
     Adapted (diffusers names): pos_embed.proj; time/text embedder linear_1/2; per block to_q/k/v,

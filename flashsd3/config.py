@@ -48,7 +48,7 @@ class MMDiTConfig:
         return self.patch_size * self.patch_size * self.out_channels
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "MMDiTConfig":
+    def from_diffusers(cls, cfg: dict) -> MMDiTConfig:
         """Build from a diffusers `SD3Transformer2DModel` config.json dict."""
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         if cfg.get("caption_projection_dim", hidden) != hidden:
@@ -105,12 +105,21 @@ class VAEConfig:
     mid_block_add_attention: bool = True  # diffusers default; not in SD3's config
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> "VAEConfig":
+    def from_diffusers(cls, cfg: dict) -> VAEConfig:
         known = {f.name for f in fields(cls)}
         if cfg.get("use_quant_conv") or cfg.get("use_post_quant_conv"):
             raise ValueError("SD3 VAE has no quant_conv/post_quant_conv; this config asks for them")
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in known}
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """A LoRA adapter's shape in PEFT's terms (adapter_config.json): W += (alpha / rank) * B @ A."""
+
+    rank: int  # r
+    alpha: float  # lora_alpha
+    target_modules: tuple[str, ...]  # PEFT suffix match on diffusers module names (lora/formats.py peft_selects)
 
 
 # Presets -------------------------------------------------------------------------------------
@@ -135,3 +144,11 @@ DEMO = MMDiTConfig(
     context_dim=32, pooled_dim=24, pos_embed_max_size=64, sample_size=32,
 )
 DEMO_VAE = VAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+# The published Flash SD3 adapter (hub.FLASH_SD3_LORA_REPO, its adapter_config.json): rank 64, alpha 8
+# (scale 0.125); on SD3-medium the targets select 222 layers, 87,646,208 LoRA values.
+FLASH_SD3_ADAPTER = AdapterConfig(
+    rank=64, alpha=8,
+    target_modules=("proj", "linear_1", "to_k", "proj_out", "linear_2", "to_out.0", "ff.net.2", "proj_in", "to_v",
+                    "to_q", "linear", "ff.net.0.proj"),
+)

@@ -25,15 +25,24 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .keymaps.rules import Rule
 from .keymaps.text import (
-    CLIP_G_PREFIX, CLIP_IGNORE, CLIP_L_PREFIX, CLIP_L_SINGLE_FILE_IGNORE, CLIP_TABLE, T5_EMBEDDING_KEYS,
-    T5_PREFIX, T5_TABLE,
+    CLIP_G_PREFIX,
+    CLIP_IGNORE,
+    CLIP_L_PREFIX,
+    CLIP_L_SINGLE_FILE_IGNORE,
+    CLIP_TABLE,
+    T5_EMBEDDING_KEYS,
+    T5_PREFIX,
+    T5_TABLE,
 )
 from .tokenizers import sd3_clip_tokenizers
-from .weights import CheckpointError, Rule, SafetensorsReader, find_weights, load_into
+from .weights import TRANSFORMERS_WEIGHTS, CheckpointError, SafetensorsReader, find_weights, load_into
 
 CLIP_TOKENS = 77  # both CLIPs: max_position_embeddings (text_encoder*/config.json), tokenizer model_max_length
-T5_TOKENS = 77  # initml fork: tokenizer_max_length (README F5); diffusers 0.42 defaults to 256
+# initml/diffusers fork (the Flash SD3 model card's): _get_t5_prompt_embeds pads to tokenizer_max_length = 77;
+# diffusers 0.42 pads to max_sequence_length, default 256 (pipeline_stable_diffusion_3.py)
+T5_TOKENS = 77
 CONTEXT_DIM = 4096  # transformer joint_attention_dim = T5-XXL d_model
 # Architecture configs for single files, which carry none. clip_l/clip_g: copies of SD3-medium's
 # text_encoder{,_2}/config.json. t5xxl: google/t5-v1_1-xxl hyperparameters as a T5EncoderModel config.
@@ -60,11 +69,11 @@ class TextEncoders(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:  # everything we return is in CLIP-L's dtype, as diffusers' zeros
-        return self.clip_l.text_model.final_layer_norm.weight.dtype
+        return self.clip_l.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.clip_l.text_model.final_layer_norm.weight.device
+        return self.clip_l.device
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str], *, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +97,9 @@ class TextEncoders(nn.Module):
             return torch.zeros(len(prompts), tokens, self.context_dim, dtype=self.dtype, device=self.device)
         ids = self.tokenizer_t5(prompts, padding="max_length", max_length=tokens, truncation=True,
                                 add_special_tokens=True, return_tensors="pt").input_ids  # (B, tokens)
-        device = next(self.t5.parameters()).device
-        return self.t5(ids.to(device)).last_hidden_state.to(self.dtype)  # no attention mask, as diffusers
+        return self.t5(ids.to(self.t5.device)).last_hidden_state.to(self.dtype)  # no attention mask, as diffusers
 
-    def offload(self, device: torch.device | str = "cpu") -> "TextEncoders":
+    def offload(self, device: torch.device | str = "cpu") -> TextEncoders:
         """Move the encoders off the accelerator (after encoding) and return its cached memory."""
         self.to(device)
         if torch.cuda.is_available():
@@ -103,18 +111,21 @@ class TextEncoders(nn.Module):
     @classmethod
     def from_diffusers_folder(cls, path: str | Path, *, dtype: torch.dtype = torch.float16,
                               device: torch.device | str = "cpu", t5: bool = False,
-                              context_dim: int = CONTEXT_DIM) -> "TextEncoders":
+                              context_dim: int = CONTEXT_DIM) -> TextEncoders:
         """Load text_encoder{,_2} + tokenizer{,_2} (and text_encoder_3 + tokenizer_3 if `t5`) from a
         diffusers model folder (e.g. stable-diffusion-3-medium-diffusers). Weights must be safetensors."""
         root = Path(path)
-        models = [load_clip(_clip_config(root / sub), SafetensorsReader(find_weights(root / sub, "model.safetensors")),
-                            dtype=dtype, device=device) for sub in ("text_encoder", "text_encoder_2")]
+
+        def reader(sub: str) -> SafetensorsReader:
+            return SafetensorsReader(find_weights(root / sub, TRANSFORMERS_WEIGHTS))
+
+        models = [load_clip(_clip_config(root / sub), reader(sub), dtype=dtype, device=device)
+                  for sub in ("text_encoder", "text_encoder_2")]
         if t5:
             from transformers import T5Config
 
             t5_config = T5Config.from_pretrained(str(root / "text_encoder_3"))
-            models.append(load_t5(t5_config, SafetensorsReader(find_weights(root / "text_encoder_3", "model.safetensors")),
-                                  dtype=dtype, device=device))
+            models.append(load_t5(t5_config, reader("text_encoder_3"), dtype=dtype, device=device))
         return cls._assemble(load_tokenizers(root, t5=t5), models, context_dim)
 
     @classmethod
@@ -122,7 +133,7 @@ class TextEncoders(nn.Module):
                          dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
                          t5: bool = False, context_dim: int = CONTEXT_DIM,
                          clip_l_config: CLIPTextConfig | None = None, clip_g_config: CLIPTextConfig | None = None,
-                         t5_config=None) -> "TextEncoders":
+                         t5_config=None) -> TextEncoders:
         """Load `text_encoders.{clip_l,clip_g[,t5xxl]}.transformer.*` from a Stability single file.
 
         The file has no configs: SD3's are shipped in flashsd3/configs/ (override with *_config).
@@ -144,7 +155,7 @@ class TextEncoders(nn.Module):
         return cls._assemble(load_tokenizers(tokenizer_source, t5=t5), models, context_dim)
 
     @classmethod
-    def _assemble(cls, tokenizers, models, context_dim) -> "TextEncoders":
+    def _assemble(cls, tokenizers, models, context_dim) -> TextEncoders:
         tok_l, tok_g, tok_t5 = tokenizers
         clip_l, clip_g, t5 = (*models, None)[:3]
         return cls(tok_l, clip_l, tok_g, clip_g, tok_t5, t5, context_dim=context_dim)
@@ -154,15 +165,14 @@ def clip_features(tokenizer, encoder: CLIPTextModelWithProjection, prompts: list
     """One CLIP: (penultimate hidden states (B, 77, D), projected pooled EOS state (B, P))."""
     ids = tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                     return_tensors="pt").input_ids  # (B, 77); CLIP-L pads with EOS 49407, CLIP-G with "!" = 0
-    device = encoder.text_model.final_layer_norm.weight.device
-    out = encoder(ids.to(device), output_hidden_states=True)
+    out = encoder(ids.to(encoder.device), output_hidden_states=True)
     return out.hidden_states[-2], out.text_embeds
 
 
 def load_tokenizers(source: str | Path | None = None, *, t5: bool = False):
     """(tokenizer, tokenizer_2, tokenizer_3 or None) from the subfolders of a diffusers folder or hub
     repo; with no source, SD3's CLIP tokenizers shipped in the package (flashsd3.tokenizers).
-    The two CLIP tokenizers share one BPE vocabulary and differ in padding (README F6)."""
+    The two CLIP tokenizers share one BPE vocabulary and differ in padding (see flashsd3/tokenizers.py)."""
     if source is None:
         if t5:
             raise ValueError("T5 needs a tokenizer source (a folder or hub repo with tokenizer_3/)")
@@ -219,7 +229,7 @@ def load_t5(config, reader: SafetensorsReader, prefix: str = "", *, dtype: torch
     load_into(model, reader, table, prefix=prefix, ignore=ignore, dtype=dtype, device=device)
     model.set_input_embeddings(model.shared)  # re-tie: the strict load assigned two copies
     if dtype == torch.float16:  # transformers keeps T5's FF output (`wo`) in fp32: fp16 overflows there
-        for name, param in model.named_parameters():
+        for name, _ in model.named_parameters():
             if name.endswith(".DenseReluDense.wo.weight"):
                 fp32 = reader.get(prefix + name, torch.float32).to(device)
                 model.get_submodule(name.rsplit(".", 1)[0]).weight = nn.Parameter(fp32, requires_grad=False)

@@ -2,8 +2,9 @@
 
 CLIP-L and OpenCLIP-bigG share one BPE vocabulary (OpenAI's `bpe_simple_vocab_16e6`, also shipped
 by open_clip); the vocabulary is a pure function of the merge list, so only the gzipped merges are
-shipped (assets/clip_bpe_merges.txt.gz, 208 kB), with the two published tokenizer configs. The diffusers folders' `tokenizer/` and
-`tokenizer_2/` differ only in the pad token: "<|endoftext|>" (49407) vs "!" (0) (reference README F6).
+shipped (assets/clip_bpe_merges.txt.gz, 208 kB), with the two published tokenizer configs. The
+`tokenizer/` and `tokenizer_2/` folders of stabilityai/stable-diffusion-3-medium-diffusers differ only
+in the pad token: "<|endoftext|>" (49407) vs "!" (0) (their special_tokens_map.json, copied in assets/).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ MERGES = ASSETS / "clip_bpe_merges.txt.gz"
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte -> printable character table, in vocabulary order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in keep]
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(others))]  # open_clip's order
 
@@ -47,7 +48,7 @@ def write_clip_tokenizer_folders(root: str | Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # pad tokens differ (F6)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # pad tokens differ
             (folder / name).write_text((ASSETS / sub / name).read_text())
     return root
 

@@ -1,16 +1,15 @@
-"""Test helpers: random diffusers SD3 transformers and their conversion to our layout."""
+"""Test helpers: random diffusers SD3 transformers, inputs, and running them."""
 from __future__ import annotations
 
 import torch
 
-from flashsd3 import MMDiT, MMDiTConfig
-from flashsd3.keymaps.mmdit import diffusers_table
-from flashsd3.weights import TRANSFORMS, resolve
+from flashsd3 import MMDiTConfig
 
 
 def random_diffusers_transformer(cfg: MMDiTConfig, dtype=torch.float64, seed: int = 0):
     """diffusers SD3Transformer2DModel at `cfg` with every parameter random (zero-init gates and
-    final layer would otherwise hide mistakes); the sin-cos position buffer stays as built."""
+    final layer would otherwise hide mistakes); the sin-cos position buffer stays as built.
+    Our model with the same weights: `flashsd3.mmdit.from_diffusers_state_dict(ref.state_dict(), cfg)`."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -20,17 +19,6 @@ def random_diffusers_transformer(cfg: MMDiTConfig, dtype=torch.float64, seed: in
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.3)
     return ref
-
-
-def ours_from_diffusers(ref, cfg: MMDiTConfig) -> MMDiT:
-    """Our model with the reference's weights, converted in memory through the key table."""
-    sd = ref.state_dict()
-    plan = resolve(MMDiT(cfg).state_dict().keys(), diffusers_table(cfg.depth))
-    state = {k: TRANSFORMS[t].apply(*(sd[s] for s in srcs)) for k, (srcs, t) in plan.items()}
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
 
 
 def random_inputs(cfg: MMDiTConfig, batch=2, hw=(8, 8), tokens=7, timesteps=None, dtype=torch.float64, seed=1):
@@ -47,7 +35,3 @@ def random_inputs(cfg: MMDiTConfig, batch=2, hw=(8, 8), tokens=7, timesteps=None
 def run_reference(ref, lat, t, ctx, pooled, **kw):
     with torch.no_grad():
         return ref(hidden_states=lat, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, **kw).sample
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).double().norm() / b.double().norm()).item()

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from flashsd3 import TINY, FlashSD3Pipeline, TextEncoders, VAEConfig, load_vae
-from helpers_mmdit import ours_from_diffusers, random_diffusers_transformer
+from flashsd3.mmdit import from_diffusers_state_dict
+from helpers_mmdit import random_diffusers_transformer
 from helpers_text import tiny_clip_pair
 
 # SD3's VAE layout (no quant convs, scaling 1.5305 / shift 0.0609 from vae/config.json), three levels
@@ -72,7 +73,7 @@ def make_twins(tmp_path: Path, dtype: torch.dtype, *, stochastic: bool, seed: in
     )
     ref.set_progress_bar_config(disable=True)
     ours = FlashSD3Pipeline(
-        ours_from_diffusers(transformer, TINY).to(dtype),
+        from_diffusers_state_dict(transformer.state_dict(), TINY).to(dtype),
         load_vae(tmp_path / "vae", dtype=dtype),
         TextEncoders(tok, enc, tok2, enc2, context_dim=TINY.context_dim),  # the very same CLIP objects
         shift=SHIFT,
@@ -88,10 +89,24 @@ def initial_latents(batch: int, height: int, width: int, dtype: torch.dtype, see
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
 
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+def run_diffusers(pipe, prompts, *, seed: int, **kw):
+    """(images (B, 3, H, W) in [0, 1] before uint8, latents after every step)."""
+    steps = []
+
+    def keep(_pipe, _i, _t, tensors):
+        steps.append(tensors["latents"].clone())
+        return {}
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the scheduler's re-noise source
+        images = pipe(prompt=prompts, max_sequence_length=77, output_type="pt", callback_on_step_end=keep,
+                      callback_on_step_end_tensor_inputs=["latents"], **kw).images
+    return images, steps
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
-    return max_abs(a, b) / b.double().abs().max().item()
+def run_ours(pipe, prompts, *, seed: int, **kw):
+    steps = []
+    out = pipe(prompts, output_type="pt", generator=torch.Generator().manual_seed(seed),
+               callback=lambda i, x: steps.append(x.clone()), **kw)
+    assert torch.equal(out.latents, steps[-1])
+    return out.images, steps

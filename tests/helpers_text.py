@@ -135,9 +135,10 @@ def save_diffusers_text_folder(root: Path, tok, enc, tok2, enc2, tok3=None, enc3
 
 def text_single_file_state(enc, enc2, enc3=None, *, with_l_projection: bool = False,
                            t5_embedding_key: str = "encoder.embed_tokens.weight") -> dict:
-    """Stability single-file text keys (README F3). CLIP-L's projection is left out unless asked
-    (diffusers replaces it by the identity anyway); T5's tied embedding is stored once under
-    `t5_embedding_key` (Stability's reference: encoder.embed_tokens.weight; diffusers detection: shared.weight)."""
+    """Stability single-file text keys (the prefixes diffusers' single_file_utils.py strips). CLIP-L's
+    projection is left out unless asked (diffusers replaces it by the identity anyway); T5's tied
+    embedding is stored once under `t5_embedding_key` (Stability's reference: encoder.embed_tokens.weight;
+    diffusers detection: shared.weight)."""
     sd = {CLIP_L_PREFIX + k: v for k, v in enc.state_dict().items()
           if with_l_projection or k != "text_projection.weight"}
     sd.update({CLIP_G_PREFIX + k: v for k, v in enc2.state_dict().items()})

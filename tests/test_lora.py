@@ -1,9 +1,10 @@
 """flashsd3.lora vs peft / diffusers on random tiny SD3 transformers (float64, CPU), plus refusals."""
+import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,40 +12,31 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flashsd3 import MMDiT, SD3_MEDIUM, TINY
+from flashsd3 import SD3_MEDIUM, TINY, MMDiT
+from flashsd3.keymaps.rules import swap_halves
 from flashsd3.lora import LoRAError, load_lora, lora_info, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from flashsd3.lora.formats import LoRASource, peft_selects, plan_lora
 from flashsd3.lora.keys import diffusers_targets
 from flashsd3.lora.layers import LoRALayer
+from flashsd3.mmdit import from_diffusers_state_dict
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 pytest.importorskip("peft", reason="peft is the parity reference (test extra)")
-from helpers_mmdit import ours_from_diffusers, random_diffusers_transformer, random_inputs, rel_err, run_reference  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference files not found at {REF}")
-# The fields of jasperai/flash-sd3's adapter_config.json (reference/flash_sd3_adapter_config.json, README F2)
-# that shape the adapter, inline so the tests run from a clean clone (compared with the file below).
-PUBLISHED = {
-    "r": 64, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "peft_type": "LORA",
-    "target_modules": ["proj", "linear_1", "to_k", "proj_out", "linear_2", "to_out.0", "ff.net.2", "proj_in",
-                       "to_v", "to_q", "linear", "ff.net.0.proj"],
-    "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_dropout": 0.0, "modules_to_save": None,
-    "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
-}
+from helpers_lora import PUBLISHED, lora_config  # noqa: E402
+from helpers_mmdit import random_diffusers_transformer, random_inputs, run_reference  # noqa: E402
+from helpers_reference import KeyListReader, read_json, read_tsv  # noqa: E402
+from metrics import rel_l2  # noqa: E402
+
 FLOAT64_TOL = 1e-10  # float64: LoRA on fused qkv vs separate q/k/v changes summation order only
-
-
-def lora_config(**changes) -> LoraConfig:
-    return LoraConfig(**{**{k: v for k, v in PUBLISHED.items() if k != "peft_type"}, **changes})
 
 
 def peft_reference(config: LoraConfig, seed: int):
     """(peft model, our base model with the same weights): random tiny SD3, random non-zero A and B."""
     ref = random_diffusers_transformer(TINY, torch.float64, seed=seed)
-    ours = ours_from_diffusers(ref, TINY)  # before peft moves weights to base_layer.weight
+    ours = from_diffusers_state_dict(ref.state_dict(), TINY)  # before peft moves weights to base_layer.weight
     model = get_peft_model(ref, config)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -104,7 +96,8 @@ def test_peft_save_writes_the_published_key_form(flash):
     assert len(keys) == 48 and all(k.startswith("base_model.model.") for k in keys)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     saved = json.loads((flash["folder"] / "adapter_config.json").read_text())
-    assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (64, 8, sorted(PUBLISHED["target_modules"]))
+    shape = (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"]))
+    assert shape == (64, 8, sorted(PUBLISHED["target_modules"]))
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.4])
@@ -112,11 +105,11 @@ def test_parity_with_peft_unmerged_and_merged(flash, scale):
     ours = fresh(flash["state"])
     name = load_lora(ours, flash["folder"], scale=scale)
     expected = reference_out(flash, scale)
-    assert rel_err(expected, flash["base_out"]) > 0.05  # the adapter really changes the output
-    assert rel_err(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
+    assert rel_l2(expected, flash["base_out"]) > 0.05  # the adapter really changes the output
+    assert rel_l2(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
     merge_lora(ours)
     assert lora_info(ours)[name].merged
-    assert rel_err(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
     with pytest.raises(LoRAError, match="merged into the weights"):
         set_lora_scale(ours, name, 1.0)
 
@@ -125,7 +118,7 @@ def test_set_lora_scale_matches_peft_set_scale(flash):
     ours = fresh(flash["state"])
     name = load_lora(ours, flash["folder"], name="flash")
     set_lora_scale(ours, name, 2.5)
-    assert rel_err(run_ours(ours, flash["inputs"]), reference_out(flash, 2.5)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), reference_out(flash, 2.5)) < FLOAT64_TOL
     info = lora_info(ours)["flash"]
     assert (info.scale, info.layers, info.updates) == (2.5, 20, 24)  # q, k, v share each block's qkv
 
@@ -134,7 +127,7 @@ def test_scale_zero_is_exactly_the_base_model(flash):
     ours, base = fresh(flash["state"]), fresh(flash["state"])
     load_lora(ours, flash["folder"], scale=0.0)
     assert torch.equal(run_ours(ours, flash["inputs"]), run_ours(base, flash["inputs"]))
-    assert rel_err(run_ours(base, flash["inputs"]), flash["base_out"]) < FLOAT64_TOL
+    assert rel_l2(run_ours(base, flash["inputs"]), flash["base_out"]) < FLOAT64_TOL
 
 
 def test_state_dict_and_parameters_unchanged(flash):
@@ -181,7 +174,7 @@ def test_rank_alpha_patterns_and_rslora_match_peft(tmp_path):
     model.save_pretrained(tmp_path)
     inputs = random_inputs(TINY, seed=5)
     load_lora(ours, tmp_path)
-    assert rel_err(run_ours(ours, inputs), run_reference(model.base_model.model, *inputs)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, inputs), run_reference(model.base_model.model, *inputs)) < FLOAT64_TOL
 
 
 # Other file layouts ---------------------------------------------------------------------------------
@@ -189,7 +182,8 @@ def test_rank_alpha_patterns_and_rslora_match_peft(tmp_path):
 def peft_tensors(flash) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """diffusers module path -> (A, B) of the Flash-config test adapter."""
     sd = {k.removeprefix("base_model.model."): v for k, v in peft_state(flash).items()}
-    return {k.removesuffix(".lora_A.weight"): (v, sd[k.replace("lora_A", "lora_B")]) for k, v in sd.items() if "lora_A" in k}
+    return {k.removesuffix(".lora_A.weight"): (v, sd[k.replace("lora_A", "lora_B")])
+            for k, v in sd.items() if "lora_A" in k}
 
 
 def test_diffusers_file_with_metadata_matches_peft(flash, tmp_path):
@@ -201,20 +195,21 @@ def test_diffusers_file_with_metadata_matches_peft(flash, tmp_path):
         flash["peft"].base_model.model), transformer_lora_adapter_metadata=meta)
     ours = fresh(flash["state"])
     load_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
-    assert rel_err(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
 
 
 def test_diffusers_file_without_metadata_matches_diffusers_loader(flash, tmp_path):
     """No alpha anywhere: diffusers 0.42.1 applies B @ A at scale 1.0, and so do we."""
-    sd = {f"transformer.{p}.lora_{ab}.weight": t for p, (A, B) in peft_tensors(flash).items() for ab, t in (("A", A), ("B", B))}
+    sd = {f"transformer.{p}.lora_{ab}.weight": t
+          for p, (A, B) in peft_tensors(flash).items() for ab, t in (("A", A), ("B", B))}
     save_file(sd, tmp_path / "pytorch_lora_weights.safetensors")
     ref = random_diffusers_transformer(TINY, torch.float64, seed=0)  # the same base weights as `flash`
     ref.load_lora_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"), prefix="transformer")
     ours = fresh(flash["state"])
     load_lora(ours, tmp_path)
     expected = run_reference(ref, *flash["inputs"])
-    assert rel_err(expected, reference_out(flash)) > 0.05  # scale 1.0 is not the config's 0.125
-    assert rel_err(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
+    assert rel_l2(expected, reference_out(flash)) > 0.05  # scale 1.0 is not the config's 0.125
+    assert rel_l2(run_ours(ours, flash["inputs"]), expected) < FLOAT64_TOL
 
 
 @pytest.mark.parametrize("prefix, sep, down, up", [
@@ -229,7 +224,7 @@ def test_files_with_alpha_keys_match_peft(flash, tmp_path, prefix, sep, down, up
     save_file(sd, tmp_path / "lora.safetensors")
     ours = fresh(flash["state"])
     load_lora(ours, tmp_path / "lora.safetensors")
-    assert rel_err(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
 
 
 def kohya_from_peft(tensors, alpha: float) -> dict[str, torch.Tensor]:
@@ -244,7 +239,8 @@ def kohya_from_peft(tensors, alpha: float) -> dict[str, torch.Tensor]:
                "transformer_blocks.1.norm1_context.linear": "joint_blocks.1.context_block.adaLN_modulation.1"}
     for i in range(2):
         names.update({f"transformer_blocks.{i}.{d}": f"joint_blocks.{i}.{o}" for d, o in [
-            ("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+            ("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"),
+            ("ff.net.2", "x_block.mlp.fc2"),
             ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("norm1.linear", "x_block.adaLN_modulation.1")]})
     names["transformer_blocks.0.norm1_context.linear"] = "joint_blocks.0.context_block.adaLN_modulation.1"
     out = {}
@@ -260,7 +256,8 @@ def kohya_from_peft(tensors, alpha: float) -> dict[str, torch.Tensor]:
             put(swapped[path], A, torch.cat(B.chunk(2)[::-1]), alpha)
     for i in range(2):
         qkv = [tensors[f"transformer_blocks.{i}.attn.to_{c}"] for c in "qkv"]
-        put(f"joint_blocks.{i}.x_block.attn.qkv", torch.cat([a for a, _ in qkv]), torch.block_diag(*[b for _, b in qkv]), 3 * alpha)
+        put(f"joint_blocks.{i}.x_block.attn.qkv", torch.cat([a for a, _ in qkv]),
+            torch.block_diag(*[b for _, b in qkv]), 3 * alpha)
     return out
 
 
@@ -271,9 +268,9 @@ def test_kohya_file_matches_peft(flash, tmp_path):
     save_file(sd, tmp_path / "kohya.safetensors")
     ours = fresh(flash["state"])
     load_lora(ours, tmp_path / "kohya.safetensors", name="k")
-    assert rel_err(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
     merge_lora(ours)
-    assert rel_err(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), reference_out(flash)) < FLOAT64_TOL
 
 
 # Several adapters, merge / unmerge / remove ---------------------------------------------------------
@@ -301,9 +298,9 @@ def test_two_adapters_add_their_deltas(flash, tmp_path):
     first, second = load_lora(both, flash["folder"], scale=0.7), load_lora(both, extra, scale=0.7)
     assert set(lora_info(both)) == {first, second}
     summed = fresh({k: v + deltas[0][k] + deltas[1][k] for k, v in flash["state"].items()})
-    assert rel_err(run_ours(both, flash["inputs"]), run_ours(summed, flash["inputs"])) < FLOAT64_TOL
+    assert rel_l2(run_ours(both, flash["inputs"]), run_ours(summed, flash["inputs"])) < FLOAT64_TOL
     merge_lora(both, [second])  # one merged, one not
-    assert rel_err(run_ours(both, flash["inputs"]), run_ours(summed, flash["inputs"])) < FLOAT64_TOL
+    assert rel_l2(run_ours(both, flash["inputs"]), run_ours(summed, flash["inputs"])) < FLOAT64_TOL
     merge_lora(both)
     for k, v in both.state_dict().items():  # float64: merged = base + d1 + d2 up to rounding
         torch.testing.assert_close(v, summed.state_dict()[k], rtol=1e-12, atol=1e-12)
@@ -334,26 +331,18 @@ def test_remove_lora_restores_plain_layers(flash):
     remove_lora(ours, name)
     assert lora_info(ours) == {} and not any(isinstance(m, LoRALayer) for m in ours.modules())
     assert type(ours.joint_blocks[0].x_block.attn.qkv) is nn.Linear and type(ours.x_embedder.proj) is nn.Conv2d
-    assert rel_err(run_ours(ours, flash["inputs"]), flash["base_out"]) < FLOAT64_TOL
+    assert rel_l2(run_ours(ours, flash["inputs"]), flash["base_out"]) < FLOAT64_TOL
     with pytest.raises(LoRAError, match="no adapter named"):
         remove_lora(ours, name)
 
 
 # The published adapter at SD3-medium size, on the meta device ----------------------------------------
 
-def tsv_reader(path: Path) -> SimpleNamespace:
-    """Stands in for SafetensorsReader with the published file's keys and shapes only (no data)."""
-    shapes = {k: tuple(json.loads(s)) for k, s in (line.split("\t") for line in path.read_text().splitlines())}
-    return SimpleNamespace(name=path.name, shapes=shapes, keys=lambda: list(shapes), shape=shapes.__getitem__)
-
-
-@needs_ref
 def test_inline_config_is_the_published_one():
-    published = json.loads((REF / "flash_sd3_adapter_config.json").read_text())
+    published = read_json("flash_sd3_adapter_config.json")
     assert {k: published[k] for k in PUBLISHED} == PUBLISHED
 
 
-@needs_ref
 def test_published_adapter_maps_onto_sd3_medium():
     from diffusers import SD3Transformer2DModel
     from peft import get_peft_model_state_dict, inject_adapter_in_model
@@ -367,14 +356,16 @@ def test_published_adapter_maps_onto_sd3_medium():
     wrapped = {n for n, m in ref.named_modules() if isinstance(m, LoraLayer)}
     assert len(wrapped) == 222 and {n for n in layers if peft_selects(PUBLISHED, n)} == wrapped
     expected = {f"base_model.model.{k}": tuple(v.shape) for k, v in get_peft_model_state_dict(ref).items()}
-    reader = tsv_reader(REF / "flash_sd3_adapter_keys.tsv")  # no .get: planning reads no data
+    reader = KeyListReader(read_tsv("flash_sd3_adapter_keys.tsv"))  # planning reads shapes, no data
     assert reader.shapes == expected  # 444 keys
     pieces = plan_lora(ours, LoRASource(reader, PUBLISHED, "adapter_config.json", "flash"))
     assert len(pieces) == 222 and {p.scale for p in pieces} == {8 / 64}
     assert sum(math.prod(reader.shape(p.a_key)) + math.prod(reader.shape(p.b_key)) for p in pieces) == 87_646_208
     assert len({p.target.module for p in pieces}) == 222 - 2 * 24  # to_q, to_k, to_v -> one qkv per block
-    assert {p.source for p in pieces if p.target.swap} == {"norm_out.linear", "transformer_blocks.23.norm1_context.linear"}
-    qkv = sorted((p.target.start, p.target.stop) for p in pieces if p.target.module == "joint_blocks.5.x_block.attn.qkv")
+    swapped = {p.source for p in pieces if p.target.rows is swap_halves}
+    assert swapped == {"norm_out.linear", "transformer_blocks.23.norm1_context.linear"}
+    qkv = sorted((p.target.start, p.target.stop) for p in pieces
+                 if p.target.module == "joint_blocks.5.x_block.attn.qkv")
     assert qkv == [(0, 1536), (1536, 3072), (3072, 4608)]
 
 
@@ -398,7 +389,8 @@ def refuses(flash, source, match):
 def test_refuses_keys_that_target_nothing(flash, tmp_path):
     stray = {f"base_model.model.transformer_blocks.0.attn.to_zz.lora_{ab}.weight": torch.zeros(4, 4) for ab in "AB"}
     refuses(flash, write_peft(tmp_path / "a", {**peft_state(flash), **stray}), r"target nothing.*attn\.to_zz")
-    # a real layer the config does not select (add_k_proj ends in "_proj", not ".proj"; README F2)
+    # a real layer the config does not select (add_k_proj ends in "_proj", not ".proj": peft
+    # tuners_utils.check_target_module_exists matches a name equal to a target or ending in "." + target)
     add_k = {"base_model.model.transformer_blocks.0.attn.add_k_proj.lora_A.weight": torch.zeros(64, 16),
              "base_model.model.transformer_blocks.0.attn.add_k_proj.lora_B.weight": torch.zeros(16, 64)}
     refuses(flash, write_peft(tmp_path / "b", {**peft_state(flash), **add_k}), r"does not select 1 modules.*add_k_proj")
@@ -415,7 +407,8 @@ def test_refuses_missing_or_inconsistent_adapter_config(flash, tmp_path):
     sd = peft_state(flash)
     refuses(flash, write_peft(tmp_path / "none", sd, config=None), "without adapter_config.json")
     refuses(flash, write_peft(tmp_path / "r", sd, config={**PUBLISHED, "r": 32}), "rank 32 for .*has shape")
-    refuses(flash, write_peft(tmp_path / "dora", sd, config={**PUBLISHED, "use_dora": True}), "use_dora=True is not supported")
+    refuses(flash, write_peft(tmp_path / "dora", sd, config={**PUBLISHED, "use_dora": True}),
+            "use_dora=True is not supported")
     refuses(flash, write_peft(tmp_path / "t", sd, config={**PUBLISHED, "target_modules": ["to_q"]}), "does not select")
     (tmp_path / "bad").mkdir()
     shutil.copy(flash["folder"] / "adapter_model.safetensors", tmp_path / "bad")
@@ -454,3 +447,32 @@ def test_hub_repo_id_through_snapshot_download(flash, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     refuses(flash, "jasperai/flash-sd3", "could not get the LoRA .* from the Hugging Face hub.*no network")
+
+
+def test_refuses_nan_or_inf_values_naming_file_and_key(flash, tmp_path):
+    sd = peft_state(flash)
+    key = "base_model.model.transformer_blocks.1.ff.net.2.lora_B.weight"
+    sd[key] = sd[key].clone()
+    sd[key][2, 1] = float("nan")
+    folder = write_peft(tmp_path, sd)
+    refuses(flash, folder, rf"{folder / 'adapter_model.safetensors'}: LoRA tensor '{key}' holds NaN or inf")
+
+
+def test_adapter_for_another_width_is_summarised(flash, tmp_path):
+    wide = dataclasses.replace(TINY, head_dim=16)  # width 32, TINY is 16
+    model = get_peft_model(random_diffusers_transformer(wide, torch.float64, seed=2), lora_config(r=4))
+    model.save_pretrained(tmp_path)
+    ours = fresh(flash["state"])
+    with pytest.raises(LoRAError, match="adapter is for width 32, model has 16; for example") as e:
+        load_lora(ours, tmp_path)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 + 5 + 1 and re.fullmatch(r"  \.\.\. and \d+ more", lines[-1])  # not one per tensor
+
+
+def test_same_name_twice_says_how_to_load_both(flash):
+    ours = fresh(flash["state"])
+    load_lora(ours, flash["folder"])
+    with pytest.raises(LoRAError, match=r"already loaded: either the same LoRA is given twice.*name='other'"):
+        load_lora(ours, flash["folder"])
+    load_lora(ours, flash["folder"], name="other")
+    assert len(lora_info(ours)) == 2

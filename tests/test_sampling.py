@@ -1,6 +1,6 @@
 """Sampling: sigma tables, Flash and Euler loops, classifier-free guidance.
 
-References: the checked-in fixture (Flash scheduler sigmas, reference README F4) and diffusers 0.42.1
+References: the checked-in fixture (Flash scheduler sigmas, tests/fixtures/README.md) and diffusers 0.42.1
 `FlowMatchEulerDiscreteScheduler` (plain and `stochastic_sampling=True`). Our steps compute in float32
 exactly the same operations as those references, so in float32 the agreement is bitwise (tolerance 0).
 """
@@ -71,6 +71,7 @@ def test_sigmas_match_diffusers_bitwise(shift):
 
 def test_linspace_follows_numpy_bitwise():
     import numpy as np  # a runtime dependency of flashsd3
+
     from flashsd3.sampling.flow_match import _linspace_like_numpy
 
     for num in range(1, 101):
@@ -109,7 +110,9 @@ def test_flash_loop_matches_diffusers_stochastic_sampling(steps):
 
 
 def fork_flash_loop(x, sigmas, timesteps, velocity_fn):
-    """README F4 written out: global-RNG re-noise in the latent dtype, last step returns x0."""
+    """initml/diffusers FlashFlowMatchEulerDiscreteScheduler.step written out (its file:
+    schedulers/scheduling_flash_flow_match_euler_discrete.py): global-RNG re-noise in the latent dtype,
+    last step returns x0."""
     n = len(timesteps)
     for i in range(n):
         v = velocity_fn(x, timesteps[i].expand(x.shape[0]))
@@ -147,7 +150,10 @@ def test_flash_step_last_step_returns_x0_and_renoise_formula():
 
 def test_flash_seeded_runs_reproduce_and_noise_sources_agree():
     sig = flash_sigmas(4)
-    run = lambda seed: sample_flash(toy_velocity, latents(0), sig, generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        return sample_flash(toy_velocity, latents(0), sig, generator=torch.Generator().manual_seed(seed))
+
     a, b, c = run(5), run(5), run(6)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # A noise list / callable with the generator's draws gives the same result.
@@ -292,7 +298,8 @@ def test_flash_loop_draws_noise_and_timesteps_before_the_first_model_call(monkey
         timesteps.append(t)
         return torch.zeros_like(x)
 
-    flash_module.sample_flash(denoise, torch.zeros(2, 4, 8, 8), flash_sigmas(4), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    flash_module.sample_flash(denoise, torch.zeros(2, 4, 8, 8), flash_sigmas(4), generator=generator)
     assert events == ["draw"] * 3 + ["model"] * 4
     assert len({t.untyped_storage().data_ptr() for t in timesteps}) == 1  # one table, indexed per step
     assert [t.tolist() for t in timesteps][1] == [to_timesteps(flash_sigmas(4))[1].item()] * 2

@@ -13,8 +13,11 @@ from flashsd3.keymaps.text import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX
 from flashsd3.text_encoders import TextEncoders, load_t5, load_tokenizers
 from flashsd3.weights import CheckpointError, SafetensorsReader
 from helpers_text import (
-    save_diffusers_text_folder, save_text_single_file, text_single_file_state,
-    tiny_clip_pair, tiny_t5,
+    save_diffusers_text_folder,
+    save_text_single_file,
+    text_single_file_state,
+    tiny_clip_pair,
+    tiny_t5,
 )
 
 CONTEXT = 32  # flashsd3.TINY.context_dim: CLIP 8 + 16 = 24 features, zero-padded to 32
@@ -240,10 +243,10 @@ def test_offload_moves_to_cpu(clips):
 def test_shipped_configs_are_sd3_medium():
     from flashsd3.text_encoders import CONFIG_DIR
 
-    l, g, t = (json.loads((CONFIG_DIR / f).read_text()) for f in ("clip_l.json", "clip_g.json", "t5xxl.json"))
+    cl, cg, t = (json.loads((CONFIG_DIR / f).read_text()) for f in ("clip_l.json", "clip_g.json", "t5xxl.json"))
     clip = ("hidden_size", "num_hidden_layers", "hidden_act", "projection_dim")
-    assert [l[k] for k in clip] == [768, 12, "quick_gelu", 768]
-    assert [g[k] for k in clip] == [1280, 32, "gelu", 1280]
+    assert [cl[k] for k in clip] == [768, 12, "quick_gelu", 768]
+    assert [cg[k] for k in clip] == [1280, 32, "gelu", 1280]
     t5 = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size")
     assert [t[k] for k in t5] == [4096, 10240, 24, 64, 64, 32128]
-    assert t["feed_forward_proj"] == "gated-gelu" and l["eos_token_id"] == g["eos_token_id"] == 2
+    assert t["feed_forward_proj"] == "gated-gelu" and cl["eos_token_id"] == cg["eos_token_id"] == 2

@@ -5,9 +5,6 @@ Tolerances: float64 relative error < 1e-10, float32 < 1e-5, relative = max|ours 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,23 +15,20 @@ from torch.utils._pytree import tree_flatten
 
 from flashsd3.config import SD3_VAE, TINY_VAE, VAEConfig
 from flashsd3.keymaps import vae as km
-from flashsd3.vae import VAE, AttnBlock, detect_layout, infer_architecture, load_vae
-from flashsd3.weights import CheckpointError, SafetensorsReader, load_into, resolve
+from flashsd3.keymaps.rules import export_state_dict, identity_table
+from flashsd3.vae import VAE, AttnBlock, infer_architecture, load_vae
+from flashsd3.weights import CheckpointError, SafetensorsReader, detect_layout, load_into
+from helpers_reference import KeyListReader, read_json, read_tsv
+from metrics import rel_max
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"  # as tests/test_keymaps.py
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference key lists not found at {REF}")
 # 3 levels, 16 latent channels, 2 resnets per level: the SD3 layout, small
 TINY16 = VAEConfig(latent_channels=16, block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4)
 CONFIGS = {"tiny4": TINY_VAE, "tiny16": TINY16}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def diffusers_kwargs(cfg: VAEConfig, sample_size: int = 32) -> dict:
@@ -63,11 +57,7 @@ def diffusers_vae(cfg: VAEConfig, seed: int) -> AutoencoderKL:
 
 def to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """Invert our LDM table: a diffusers-named state dict in the Stability single-file layout."""
-    out = {}
-    for key, (sources, tname) in resolve(state.keys(), km.ldm_table(levels)).items():
-        t = state[key]
-        out[km.LDM_PREFIX + sources[0]] = t[:, :, None, None] if tname == "conv1x1_to_linear" else t
-    return out
+    return export_state_dict(state, km.ldm_table(levels), prefix=km.LDM_PREFIX)
 
 
 def inputs(cfg: VAEConfig, dtype: torch.dtype, seed: int = 0):
@@ -88,7 +78,7 @@ def test_decode_encode_match_diffusers(name, dtype, tmp_path):
     ref = diffusers_vae(cfg, seed=1)
     ref.save_pretrained(tmp_path)  # config.json + diffusion_pytorch_model.safetensors (float32)
     ours = load_vae(tmp_path, dtype=dtype)
-    assert ours.config == cfg and next(ours.parameters()).dtype == dtype
+    assert ours.config == cfg and ours.dtype == dtype and ours.device == torch.device("cpu")
     ref = ref.to(dtype)
     x, z = inputs(cfg, dtype)
     with torch.no_grad():
@@ -103,7 +93,7 @@ def test_decode_encode_match_diffusers(name, dtype, tmp_path):
     for what, (a, b) in pairs.items():
         assert a.shape == b.shape, what
         # measured: fp64 <= 1e-15, fp32 <= 1e-6 relative
-        assert rel_err(a, b) < TOL[dtype], f"{what}: rel err {rel_err(a, b):.2e}"
+        assert rel_max(a, b) < TOL[dtype], f"{what}: rel err {rel_max(a, b):.2e}"
     assert torch.equal(post.mode(), post.mean)
 
 
@@ -112,15 +102,14 @@ def test_latent_scale_shift():
         vae = VAE(SD3_VAE)
     lat = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z = vae.latents_to_vae(lat)
-    # reference README F5: decode input = latents / 1.5305 + 0.0609
+    # diffusers StableDiffusion3Pipeline.__call__: latents / vae.config.scaling_factor + shift_factor
     assert torch.allclose(z, lat / 1.5305 + 0.0609, rtol=0, atol=1e-15)
     assert torch.allclose(vae.vae_to_latents(z), lat, rtol=0, atol=1e-14)
     assert vae.downscale == 8
 
 
-@needs_ref
 def test_sd3_config_json_is_sd3_vae():
-    cfg = json.loads((REF / "sd3-medium-diffusers/vae/config.json").read_text())
+    cfg = read_json("sd3_medium_vae_config.json")
     assert VAEConfig.from_diffusers(cfg) == SD3_VAE  # what load_vae reads from a vae/ folder
     # and the diffusers model the memory test builds from SD3_VAE is the published one
     kw = diffusers_kwargs(SD3_VAE, 1024)
@@ -150,7 +139,7 @@ def test_attention_uses_sdpa_without_score_matrix():
         q, k, v = block.to_q(h), block.to_k(h), block.to_v(h)
         a = torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v
         ref = x + block.to_out[0](a).transpose(1, 2).reshape(x.shape)
-    assert rel_err(out, ref) < 1e-10  # fp64
+    assert rel_max(out, ref) < 1e-10  # fp64
 
 
 # Key tables ----------------------------------------------------------------------------------
@@ -173,55 +162,31 @@ def test_ldm_layout_matches_diffusers_converter(name, tmp_path):
     assert all(torch.equal(ours.state_dict()[k], state[k].double()) for k in state)
     _, z = inputs(cfg, torch.float64)
     with torch.no_grad():
-        err = rel_err(ours.decode(z), ref.double().decode(z).sample)
+        err = rel_max(ours.decode(z), ref.double().decode(z).sample)
     assert err < 1e-10  # fp64
 
 
-def read_tsv(path: Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    rows = (line.rstrip("\n").split("\t") for line in path.read_text().splitlines())
-    return {r[0]: tuple(json.loads(r[1])) for r in rows if r[0].startswith(prefix)}
-
-
-class ShapeReader:
-    """Stands in for SafetensorsReader over a key list: tensor k is the constant k's index
-    (an expanded scalar, no memory), so where each tensor ends up can be checked."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes, self.name = shapes, "key list"
-        self.index = {k: i for i, k in enumerate(shapes)}
-
-    def keys(self):
-        return list(self.shapes)
-
-    def shape(self, key):
-        return self.shapes[key]
-
-    def get(self, key, dtype=None):
-        return torch.tensor(float(self.index[key])).expand(self.shapes[key])
-
-
-@needs_ref
 def test_sd3_diffusers_keys_load():
-    shapes = read_tsv(REF / "sd3_vae_diffusers_keys.tsv")
-    reader = ShapeReader(shapes)
-    assert detect_layout(reader) == ("diffusers", "")
+    shapes = read_tsv("sd3_vae_diffusers_keys.tsv")
+    reader = KeyListReader(shapes)
+    assert detect_layout(reader, km.LAYOUTS, "VAE") == km.LAYOUTS[1]  # diffusers, no prefix
     arch = infer_architecture(reader, "diffusers")
     assert all(getattr(SD3_VAE, k) == v for k, v in arch.items()), arch
     with torch.device("meta"):
         vae = VAE(SD3_VAE)
-    load_into(vae, reader, km.identity_table(vae.state_dict().keys()))  # strict: raises on any mismatch
+    load_into(vae, reader, identity_table(vae.state_dict().keys()))  # strict: raises on any mismatch
     state = vae.state_dict()
     assert {k: tuple(t.shape) for k, t in state.items()} == shapes
-    assert sum(t.numel() for t in state.values()) == 83_819_683  # reference README F1
+    assert sum(t.numel() for t in state.values()) == 83_819_683  # tests/fixtures/README.md
 
 
-@needs_ref
 def test_sd3_single_file_keys_load_and_agree_with_diffusers():
-    everything = read_tsv(REF / "sd3_medium_original_keys.tsv")  # transformer, VAE, text encoders
-    reader = ShapeReader(everything)
-    layout, prefix = detect_layout(reader)
-    assert (layout, prefix) == ("ldm", "first_stage_model.")
-    arch = infer_architecture(reader, layout, prefix)
+    everything = read_tsv("sd3_medium_original_keys.tsv")  # transformer, VAE, text encoders
+    reader = KeyListReader(everything)
+    layout = detect_layout(reader, km.LAYOUTS, "VAE")
+    prefix = layout.prefix
+    assert (layout.name, prefix) == ("ldm", "first_stage_model.")
+    arch = infer_architecture(reader, layout.name, prefix)
     assert all(getattr(SD3_VAE, k) == v for k, v in arch.items()), arch
     with torch.device("meta"):
         vae = VAE(SD3_VAE)
@@ -242,9 +207,9 @@ def test_infer_architecture_both_layouts(name, tmp_path):
     save_file(to_ldm(state, len(cfg.block_out_channels)), tmp_path / "ldm.safetensors")
     for file, layout in (("diffusers", "diffusers"), ("ldm", "ldm")):
         reader = SafetensorsReader([tmp_path / f"{file}.safetensors"])
-        got_layout, prefix = detect_layout(reader)
-        assert got_layout == layout
-        arch = infer_architecture(reader, layout, prefix)
+        found = detect_layout(reader, km.LAYOUTS, "VAE")
+        assert found.name == layout
+        arch = infer_architecture(reader, layout, found.prefix)
         assert all(getattr(cfg, k) == v for k, v in arch.items()), arch
     vae = load_vae(tmp_path / "diffusers.safetensors", config=cfg)  # single diffusers file, no config.json
     assert all(torch.equal(vae.state_dict()[k], state[k]) for k in state)
@@ -266,7 +231,7 @@ def test_tiled_decode_equals_diffusers_tiled(name, tile, overlap, size, tmp_path
     with torch.no_grad():
         tiled, ref_tiled = ours.decode(z, tile=tile, overlap=overlap), ref.decode(z).sample
     assert tiled.shape == ref_tiled.shape == (1, 3, size[0] * f, size[1] * f)
-    assert rel_err(tiled, ref_tiled) < 1e-10  # fp64; measured: bitwise equal
+    assert rel_max(tiled, ref_tiled) < 1e-10  # fp64; measured: bitwise equal
 
 
 def test_tiled_decode_close_to_plain(tmp_path):
@@ -276,8 +241,8 @@ def test_tiled_decode_close_to_plain(tmp_path):
     with torch.no_grad():
         plain = ours.decode(z)
         assert torch.equal(ours.decode(z, tile=48), plain)  # one tile covers z: the exact one-pass path
-        blended = rel_err(ours.decode(z, tile=24, overlap=12), plain)  # tiles at 0, 12, 24, 36
-        unblended = rel_err(ours.decode(z, tile=24, overlap=0), plain)  # tiles at 0, 24, butted
+        blended = rel_max(ours.decode(z, tile=24, overlap=12), plain)  # tiles at 0, 12, 24, 36
+        unblended = rel_max(ours.decode(z, tile=24, overlap=0), plain)  # tiles at 0, 24, butted
     # Tiles normalise and attend over their own pixels only, so tiling is never exact; with random
     # weights it is far from it. Measured relative error: blended 0.136 (PSNR 39.6 dB), butted
     # tiles 0.647 (29.8 dB). The blend must remove most of the seam error.

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch.nn as nn
 
 from .. import hub
-from ..weights import CheckpointError, SafetensorsReader, refuse_pickle
+from ..weights import CheckpointError, Reader, SafetensorsReader, brief, listing, refuse_pickle
 from .keys import Target, diffusers_targets, original_targets, underscored
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers `loaders/lora_base.py` LORA_ADAPTER_METADATA_KEY
+MAX_ERRORS = 5  # problems listed in full; a LoRA for another model can have hundreds
 
 
 class LoRAError(CheckpointError):
@@ -112,10 +113,7 @@ def open_lora(source: str | Path) -> LoRASource:
         return _source([path / PEFT_WEIGHTS], path / PEFT_CONFIG, label)
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        found = sorted(p.name for p in path.iterdir())
-        pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = f"; pickle files {pickles} are refused (convert them to safetensors)" if pickles else ""
-        raise LoRAError(f"{path}: expected {PEFT_WEIGHTS} or exactly one .safetensors file, found {found}{hint}")
+        raise LoRAError(f"{path}: expected {PEFT_WEIGHTS} or exactly one .safetensors file; {listing(path)}")
     return _source(files, None, label)
 
 
@@ -215,7 +213,7 @@ def plan_lora(model: nn.Module, source: LoRASource) -> list[Piece]:
     if strays:
         hint = foreign_model(strays)
         raise LoRAError(f"{name}: {len(strays)} LoRA modules ({fmt.name} layout) target nothing in this SD3 "
-                        f"transformer{' - ' + hint if hint else ''}: " + ", ".join(fmt.prefix + m for m in strays))
+                        f"transformer{' - ' + hint if hint else ''}: " + brief([fmt.prefix + m for m in strays], 10))
     config = _checked_config(fmt, source, modules)
     errors: list[str] = []
     if config is not None:
@@ -229,8 +227,27 @@ def plan_lora(model: nn.Module, source: LoRASource) -> list[Piece]:
         scale = _scale(config, source.config_name, module, keys, rank, reader, errors)
         pieces.append(Piece(module, keys["A"], keys["B"], target, rank, scale))
     if errors:
-        raise LoRAError(f"{name}: cannot apply this LoRA ({fmt.name} layout):\n  " + "\n  ".join(errors))
+        width = _width_mismatch(model, pieces, reader)
+        shown = "\n  ".join(errors[:MAX_ERRORS]) + (f"\n  ... and {len(errors) - MAX_ERRORS} more"
+                                                    if len(errors) > MAX_ERRORS else "")
+        raise LoRAError(f"{name}: cannot apply this LoRA ({fmt.name} layout)"
+                        + (f": {width}; for example" if width else "") + f":\n  {shown}")
     return pieces
+
+
+def _width_mismatch(model: nn.Module, pieces: list[Piece], reader: Reader) -> str | None:
+    """'adapter is for width W, model has D' when the A matrices of the layers that read the
+    D-wide residual stream all read another width."""
+    D = model.config.hidden_size
+    widths = {reader.shape(p.a_key)[1] for p in pieces
+              if len(reader.shape(p.a_key)) == 2 and _in_features(model, p.target.module) == D}
+    if len(widths) == 1 and widths != {D}:
+        return f"adapter is for width {widths.pop()}, model has {D}"
+    return None
+
+
+def _in_features(model: nn.Module, module: str) -> int | None:
+    return getattr(model.get_submodule(module), "in_features", None)
 
 
 def _checked_config(fmt: Format, source: LoRASource, modules: dict) -> dict | None:
@@ -290,9 +307,9 @@ def _selection_errors(config: dict, where: str, modules: dict, targets: dict[str
     selected = {m for m in targets if peft_selects(config, m)}
     errors = []
     if extra := sorted(set(modules) - selected):
-        errors.append(f"{where}: target_modules does not select {len(extra)} modules that have weights: {extra}")
+        errors.append(f"{where}: target_modules does not select {len(extra)} modules that have weights: {brief(extra)}")
     if absent := sorted(selected - set(modules)):
-        errors.append(f"{where}: target_modules selects {len(absent)} modules without weights: {absent}")
+        errors.append(f"{where}: target_modules selects {len(absent)} modules without weights: {brief(absent)}")
     return errors
 
 
@@ -324,5 +341,7 @@ def _scale(config: dict | None, where: str | None, module: str, keys: dict, rank
         return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     if "alpha" in keys and rank:
         alpha = float(reader.get(keys["alpha"]).reshape(-1)[0])
+        if not math.isfinite(alpha):
+            errors.append(f"{keys['alpha']}: alpha is {alpha}")
         return alpha / rank if alpha else 1.0
     return 1.0

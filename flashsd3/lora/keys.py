@@ -5,8 +5,9 @@ LoRA files name the *layer* they adapt, in one of two namings:
   * our (official Stability) names (`joint_blocks.0.x_block.attn.qkv`): kohya / sd-scripts files.
 A `Target` says where such a layer lives in our model. Nothing here is a second key table: the
 diffusers side is read off `keymaps.mmdit.diffusers_table`, whose weight rows already say how each
-diffusers layer becomes ours ("cat0": k-th of n equal row blocks of a fused layer, e.g. to_k = rows
-D:2D of qkv; "swap_halves": (scale, shift) rows stored as (shift, scale), so a LoRA B swaps halves too).
+diffusers layer becomes ours; the rule's transform gives the rows (`row_slices`: to_k = rows D:2D of
+the fused qkv) and their order (`to_our_rows`: (scale, shift) rows become (shift, scale), so a LoRA B
+on such a layer is reordered the same way).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..keymaps.mmdit import diffusers_table
-from ..weights import resolve
+from ..keymaps.rules import Transform, as_is, plan_keys
 
 LAYER_TYPES = (nn.Linear, nn.Conv2d)  # the layer kinds a LoRA can adapt
 
@@ -27,7 +28,7 @@ class Target:
     module: str  # our module name, e.g. "joint_blocks.0.x_block.attn.qkv"
     start: int  # the file's layer is our output rows [start, stop)
     stop: int
-    swap: bool = False  # the file's layer has (scale, shift) rows, ours (shift, scale)
+    rows: Transform = as_is  # `rows.to_our_rows(B)` puts a LoRA B's rows in our order (swap_halves)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -43,16 +44,13 @@ def original_targets(model: nn.Module) -> dict[str, Target]:
 def diffusers_targets(model: nn.Module) -> dict[str, Target]:
     """Diffusers module path -> Target, for every diffusers layer that has a counterpart in ours."""
     layers = lora_layers(model)
-    plan = resolve([f"{name}.weight" for name in layers], diffusers_table(model.config.depth))
+    plan = plan_keys([f"{name}.weight" for name in layers], diffusers_table(model.config.depth))
     targets = {}
-    for key, (sources, transform) in plan.items():
+    for key, step in plan.items():
         ours = key.removesuffix(".weight")
-        rows, n = layers[ours].weight.shape[0], len(sources)
-        if transform not in (None, "cat0", "swap_halves"):
-            raise ValueError(f"key table transform {transform!r} for {key} has no LoRA counterpart")
-        for k, source in enumerate(sources):
-            start, stop = (k * rows // n, (k + 1) * rows // n) if transform == "cat0" else (0, rows)
-            targets[source.removesuffix(".weight")] = Target(ours, start, stop, swap=transform == "swap_halves")
+        slices = step.transform.row_slices(layers[ours].weight.shape[0], len(step.sources))
+        for source, rows in zip(step.sources, slices, strict=True):
+            targets[source.removesuffix(".weight")] = Target(ours, rows.start, rows.stop, step.transform)
     return targets
 
 

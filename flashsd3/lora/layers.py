@@ -11,7 +11,7 @@ nn.Linear); peft instead wraps the layer and moves the weight to `base_layer.wei
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -68,23 +68,27 @@ class LoRALayer:
             for update in updates:
                 yield update, user * update.scale
 
+    def merge(self, name: str) -> None:
+        """weight += user_scale * delta of adapter `name`; the forward then skips it."""
+        self._add_to_weight(name, self.lora_scale[name])
+        self.lora_merged[name] = self.lora_scale[name]
+
+    def unmerge(self, name: str) -> None:
+        """weight -= the delta `merge` added (at the scale it used)."""
+        self._add_to_weight(name, -self.lora_merged.pop(name))
+
     @torch.no_grad()
-    def fold(self, name: str, sign: int) -> None:
-        """weight[rows] += sign * user_scale * delta, added in float32 (float64 for float64 weights),
-        then rounded once to the weight's dtype. sign=-1 with the scale used for +1 undoes it."""
-        user = self.lora_merged[name] if sign < 0 else self.lora_scale[name]
+    def _add_to_weight(self, name: str, scale: float) -> None:
+        """weight[rows] += scale * delta, added in float32 (float64 for float64 weights), then
+        rounded once to the weight's dtype."""
         for update in self.lora[name]:
             rows = self.weight[update.start : update.stop]
             compute = torch.promote_types(rows.dtype, torch.float32)
-            rows.copy_((rows.to(compute) + (sign * user) * update.delta_weight(compute)).to(rows.dtype))
-        if sign > 0:
-            self.lora_merged[name] = user
-        else:
-            del self.lora_merged[name]
+            rows.copy_((rows.to(compute) + scale * update.delta_weight(compute)).to(rows.dtype))
 
     def remove_adapter(self, name: str) -> None:
         if name in self.lora_merged:
-            self.fold(name, -1)
+            self.unmerge(name)
         self.forget_adapter(name)
 
     def forget_adapter(self, name: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..weights import all_finite
 from .formats import LoRAError, Piece, open_lora, plan_lora
 from .layers import LoRALayer, LoRAUpdate, wrap
 
@@ -72,7 +73,7 @@ def merge_lora(model: nn.Module, names: list[str] | None = None, *, discard: boo
     for name in names:
         for layer in _layers_with(model, name):
             if name not in layer.lora_merged:
-                layer.fold(name, +1)
+                layer.merge(name)
     if discard:
         for module, layer in list(_lora_layers(model).items()):
             for name in names:
@@ -87,7 +88,7 @@ def unmerge_lora(model: nn.Module, names: list[str] | None = None) -> None:
     for name in _names(model, names):
         for layer in _layers_with(model, name):
             if name in layer.lora_merged:
-                layer.fold(name, -1)
+                layer.unmerge(name)
 
 
 def remove_lora(model: nn.Module, name: str) -> None:
@@ -115,12 +116,19 @@ def lora_info(model: nn.Module) -> dict[str, LoRAInfo]:
 # Helpers -----------------------------------------------------------------------------------------
 
 def _update(piece: Piece, reader, weight: torch.Tensor) -> LoRAUpdate:
-    """A and B in the layer's dtype and device; B's halves swapped where the file's row order differs."""
-    A = reader.get(piece.a_key).to(device=weight.device, dtype=weight.dtype)
-    B = reader.get(piece.b_key).to(device=weight.device, dtype=weight.dtype)
-    if piece.target.swap:  # (scale, shift) rows -> (shift, scale); reference README F3
-        B = torch.cat(B.chunk(2, dim=0)[::-1], dim=0)
-    return LoRAUpdate(A, B, piece.target.start, piece.target.stop, piece.scale)
+    """A and B in the layer's dtype and device, B's rows in our order (the key table's transform)."""
+    A, B = (_read(reader, key, weight) for key in (piece.a_key, piece.b_key))
+    return LoRAUpdate(A, piece.target.rows.to_our_rows(B), piece.target.start, piece.target.stop, piece.scale)
+
+
+def _read(reader, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """One LoRA tensor in the layer's dtype and device, refused if it holds NaN/inf (one pass, on the device)."""
+    t = reader.get(key).to(device=weight.device, dtype=weight.dtype)
+    if not all_finite(t):
+        raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
+                        "every image would be NaN (a damaged file, a diverged training run, or values too large "
+                        "for this dtype)")
+    return t
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -165,5 +173,7 @@ def _new_name(model: nn.Module, name: str | None, label: str) -> str:
     if not name or "." in name:
         raise LoRAError(f"invalid adapter name {name!r}: it must be non-empty and contain no '.'")
     if name in lora_info(model):
-        raise LoRAError(f"an adapter named {name!r} is already loaded; pass name= to load another one")
+        raise LoRAError(f"an adapter named {name!r} is already loaded: either the same LoRA is given twice (give it "
+                        "once, with the sum of the scales) or two LoRAs share a file name (rename one; from Python, "
+                        "load_lora(..., name='other') also works)")
     return name

@@ -17,11 +17,20 @@ from .attention import SelfAttention, attention, attention_probs
 
 @dataclass
 class Modulation:
-    """Per-sample adaLN parameters, each (B, D)."""
+    """Per-sample adaLN parameters of one sub-layer, each (B, D)."""
 
     shift: torch.Tensor
     scale: torch.Tensor
-    gate: torch.Tensor | None = None
+    gate: torch.Tensor | None = None  # None where the sub-layer has no gated residual (final layer)
+
+
+@dataclass
+class StreamModulations:
+    """One stream's modulations, by the sub-layer they drive."""
+
+    attn: Modulation
+    mlp: Modulation | None = None  # None in the pre-only last context stream
+    attn2: Modulation | None = None  # SD3.5 MMDiT-X second image attention
 
 
 def modulate(x: torch.Tensor, mod: Modulation) -> torch.Tensor:
@@ -47,7 +56,7 @@ class StreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: str | None,
                  pre_only: bool = False, dual_attention: bool = False):
         super().__init__()
-        self.pre_only, self.dual_attention = pre_only, dual_attention
+        self.pre_only = pre_only
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads, qk_norm, pre_only=pre_only)
         if dual_attention:
@@ -58,20 +67,13 @@ class StreamBlock(nn.Module):
         self.num_mods = 2 if pre_only else (9 if dual_attention else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.num_mods * dim))
 
-    def modulations(self, vec: torch.Tensor) -> list[Modulation]:
-        """vec (B, D) -> [attn, mlp, attn2] modulations; the pre-only stream has only (shift, scale)."""
-        return split_modulations(self.adaLN_modulation(vec), self.num_mods)
-
-    def mlp_residual(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-        return x + mod.gate[:, None] * self.mlp(modulate(self.norm2(x), mod))
-
-
-def split_modulations(out: torch.Tensor, num_mods: int) -> list[Modulation]:
-    """adaLN output (B, n*D) -> Modulations in official order (shift, scale, gate) per sub-layer."""
-    chunks = out.chunk(num_mods, dim=-1)
-    if num_mods == 2:
-        return [Modulation(chunks[0], chunks[1])]
-    return [Modulation(*chunks[i : i + 3]) for i in range(0, num_mods, 3)]
+    def modulations(self, vec: torch.Tensor) -> StreamModulations:
+        """vec (B, D) -> adaLN output split in the official order: (shift, scale, gate) for attn, mlp
+        [, attn2]; the pre-only stream has (shift, scale) for attn only."""
+        chunks = self.adaLN_modulation(vec).chunk(self.num_mods, dim=-1)
+        if self.pre_only:
+            return StreamModulations(Modulation(*chunks))
+        return StreamModulations(*(Modulation(*chunks[i : i + 3]) for i in range(0, self.num_mods, 3)))
 
 
 class JointBlock(nn.Module):
@@ -83,34 +85,36 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, num_heads, mlp_hidden, qk_norm, pre_only=context_pre_only)
         self.x_block = StreamBlock(dim, num_heads, mlp_hidden, qk_norm, dual_attention=dual_attention)
 
-    def forward(self, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor,
-                probs: list | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """ctx (B, L, D), x (B, N, D), vec (B, D) -> (ctx or None after the last block, x).
+    keep_attn_probs = False  # analysis: MMDiT.forward sets it on one block for Capture(attn_probs_of=i)
 
-        If `probs` is a list, the attention probabilities (B, H, L+N, L+N) are appended to it.
-        """
-        c_mods = self.context_block.modulations(vec)
-        x_mods = self.x_block.modulations(vec)
+    def forward(self, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """ctx (B, L, D), x (B, N, D), vec (B, D) -> (ctx or None after the last block, x)."""
+        c, xb = self.context_block, self.x_block
+        c_mod, x_mod = c.modulations(vec), xb.modulations(vec)
         L = ctx.shape[1]
 
-        c_q, c_k, c_v = self.context_block.attn.qkv_heads(modulate(self.context_block.norm1(ctx), c_mods[0]))
-        x_norm = self.x_block.norm1(x)
-        x_q, x_k, x_v = self.x_block.attn.qkv_heads(modulate(x_norm, x_mods[0]))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # context first, as mmditx.py
-        if probs is not None:
-            probs.append(attention_probs(q, k))
-        out = attention(q, k, v)  # (B, L+N, D)
+        # joint attention over [context; image] tokens, each stream with its own q, k, v
+        c_q, c_k, c_v = c.attn.qkv_heads(modulate(c.norm1(ctx), c_mod.attn))  # (B, H, L, Dh)
+        x_norm = xb.norm1(x)
+        x_q, x_k, x_v = xb.attn.qkv_heads(modulate(x_norm, x_mod.attn))  # (B, H, N, Dh)
+        # context tokens first, as mmditx.py (diffusers joins image first: equal up to float rounding)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # (B, H, L+N, Dh)
+        if self.keep_attn_probs:
+            self.attn_probs = attention_probs(q, k)  # (B, H, L+N, L+N)
+        attn = attention(q, k, v)  # (B, L+N, D)
 
-        x = x + x_mods[0].gate[:, None] * self.x_block.attn.proj(out[:, L:])
-        if self.x_block.dual_attention:  # SD3.5 MMDiT-X: image-only self-attention beside the joint one
-            out2 = attention(*self.x_block.attn2.qkv_heads(modulate(x_norm, x_mods[2])))
-            x = x + x_mods[2].gate[:, None] * self.x_block.attn2.proj(out2)
-        x = self.x_block.mlp_residual(x, x_mods[1])
+        # image stream: gated residuals of the joint attention, [SD3.5: a second, image-only attention], MLP
+        x = x + x_mod.attn.gate[:, None] * xb.attn.proj(attn[:, L:])
+        if x_mod.attn2 is not None:
+            attn2 = attention(*xb.attn2.qkv_heads(modulate(x_norm, x_mod.attn2)))  # (B, N, D)
+            x = x + x_mod.attn2.gate[:, None] * xb.attn2.proj(attn2)
+        x = x + x_mod.mlp.gate[:, None] * xb.mlp(modulate(xb.norm2(x), x_mod.mlp))
 
-        if self.context_block.pre_only:  # last block: the text stream's output is never used
+        if c.pre_only:  # last block: the text stream's output is never used
             return None, x
-        ctx = ctx + c_mods[0].gate[:, None] * self.context_block.attn.proj(out[:, :L])
-        ctx = self.context_block.mlp_residual(ctx, c_mods[1])
+        ctx = ctx + c_mod.attn.gate[:, None] * c.attn.proj(attn[:, :L])
+        ctx = ctx + c_mod.mlp.gate[:, None] * c.mlp(modulate(c.norm2(ctx), c_mod.mlp))
         return ctx, x
 
 
@@ -124,5 +128,5 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        (mod,) = split_modulations(self.adaLN_modulation(vec), 2)
+        mod = Modulation(*self.adaLN_modulation(vec).chunk(2, dim=-1))  # (shift, scale), official order
         return self.linear(modulate(self.norm_final(x), mod))

@@ -35,12 +35,11 @@ def sincos_2d_table(dim: int, grid: int, base: int) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Latents (B, C, H, W) -> tokens (B, N, D) plus the centre crop of the position table."""
 
-    def __init__(self, patch_size: int, in_channels: int, hidden: int, max_size: int, base: int):
+    def __init__(self, patch_size: int, in_channels: int, hidden: int, max_size: int):
         super().__init__()
         self.patch_size = patch_size
         self.max_size = max_size
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
-        self.base = base
 
     def forward(self, latents: torch.Tensor, pos_table: torch.Tensor) -> torch.Tensor:
         B, C, H, W = latents.shape

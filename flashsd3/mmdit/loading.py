@@ -6,72 +6,94 @@ Sources accepted (layout detected from the keys, never from the file name):
   * one safetensors file with diffusers keys (`transformer_blocks.0...`);
   * a Stability single file (`model.diffusion_model.*`, other models beside it are left alone),
     or the same keys without the prefix.
-Without a config.json the config is read from a few tensors (`infer_config`).
+Without a config.json the config is read from a few tensors (`infer_config`). In memory, a diffusers
+state dict converts both ways: `from_diffusers_state_dict` / `to_diffusers_state_dict`.
 """
 from __future__ import annotations
 
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from ..keymaps import mmdit as km
-from ..weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, read_config, resolve
+from ..keymaps.rules import export_state_dict, identity_table
+from ..weights import (
+    DIFFUSERS_WEIGHTS,
+    CheckpointError,
+    Reader,
+    StateDictReader,
+    detect_layout,
+    load_into,
+    open_checkpoint,
+    read_config,
+)
 from .model import MMDiT
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-# Where each config field is read from, per layout (our names / diffusers names).
-_PROBES = {
-    "original": dict(patch="x_embedder.proj.weight", pos="pos_embed", context="context_embedder.weight",
-                     pooled="y_embedder.mlp.0.weight", final="final_layer.linear.weight",
-                     fc1="joint_blocks.0.x_block.mlp.fc1.weight", qk="joint_blocks.0.x_block.attn.ln_q.weight",
-                     block=r"joint_blocks\.(\d+)\.", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight"),
-    "diffusers": dict(patch="pos_embed.proj.weight", pos="pos_embed.pos_embed", context="context_embedder.weight",
-                      pooled="time_text_embed.text_embedder.linear_1.weight", final="proj_out.weight",
-                      fc1="transformer_blocks.0.ff.net.0.proj.weight", qk="transformer_blocks.0.attn.norm_q.weight",
-                      block=r"transformer_blocks\.(\d+)\.", dual=r"transformer_blocks\.(\d+)\.attn2\.to_q\.weight"),
-}
-HEAD_DIM = 64  # single files store no head count; SD3 uses 64-channel heads (reference README F3)
+# Single files store no head count; SD3 uses 64-channel heads (Stability-AI/sd3.5 `mmditx.py`
+# MMDiTX.__init__: hidden_size = 64 * depth, num_heads = depth; diffusers configs: attention_head_dim 64).
+HEAD_DIM = 64
 
 
 def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None, config: MMDiTConfig | None = None) -> MMDiT:
     """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype; tensors are converted
     one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
-    reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="transformer", what="transformer")
-    layout, prefix = detect_layout(reader)
-    config = (config or read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
-              or infer_config(reader, layout, prefix))
+    reader, config_json = _open(source)
+    config = config or read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
+    return transformer_from_reader(reader, config, dtype=dtype, device=device)
+
+
+def transformer_config(source: str | Path) -> MMDiTConfig:
+    """The config `load_transformer(source)` would use, read without loading any tensor: config.json,
+    else inferred from the safetensors headers (for checks before a model is loaded)."""
+    reader, config_json = _open(source)
+    layout = detect_layout(reader, km.LAYOUTS, "SD3 transformer")
+    return (read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
+            or infer_config(reader, layout.name, layout.prefix))
+
+
+def _open(source: str | Path):
+    return open_checkpoint(source, weights_name=DIFFUSERS_WEIGHTS, subfolder="transformer", what="transformer")
+
+
+def from_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: MMDiTConfig | None = None, *,
+                              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MMDiT:
+    """Our MMDiT from a diffusers `SD3Transformer2DModel.state_dict()` in memory, through the same
+    strict loader as a file (copies: the model shares no memory with the dict). Inverse of
+    `to_diffusers_state_dict`. config None: read from the shapes, as for a single file."""
+    reader = StateDictReader(state_dict, "diffusers state dict")
+    if detect_layout(reader, km.LAYOUTS, "SD3 transformer").name != "diffusers":
+        raise CheckpointError(f"{reader.name}: keys are in the official layout (joint_blocks.*), not diffusers'; "
+                              "load it with MMDiT.load_state_dict")
+    return transformer_from_reader(reader, config, dtype=dtype, device=device)
+
+
+def to_diffusers_state_dict(model: MMDiT) -> dict[str, torch.Tensor]:
+    """Our state dict in diffusers names (the key table inverted), as copies: for export and round trips."""
+    return export_state_dict(model.state_dict(), km.diffusers_table(model.config.depth))
+
+
+def transformer_from_reader(reader: Reader, config: MMDiTConfig | None = None, *, dtype: torch.dtype | None = None,
+                            device: torch.device | str | None = None) -> MMDiT:
+    """Build on the meta device and fill from any Reader, in whichever layout its keys are."""
+    layout = detect_layout(reader, km.LAYOUTS, "SD3 transformer")
+    config = config or infer_config(reader, layout.name, layout.prefix)
     with torch.device("meta"):
         model = MMDiT(config)
     keys = model.state_dict().keys()
-    table = km.diffusers_table(config.depth) if layout == "diffusers" else km.identity_table(keys)
-    load_into(model, reader, table, prefix=prefix, dtype=dtype, device=device)
+    table = km.diffusers_table(config.depth) if layout.name == "diffusers" else identity_table(keys)
+    load_into(model, reader, table, prefix=layout.prefix, dtype=dtype, device=device)
     return model.eval()
 
 
-def detect_layout(reader: SafetensorsReader) -> tuple[str, str]:
-    """('original' | 'diffusers', key prefix) from the keys present."""
-    keys = reader.keys()
-    if any(k.startswith(km.ORIGINAL_PREFIX) for k in keys):
-        return "original", km.ORIGINAL_PREFIX
-    if any(k.startswith("joint_blocks.") for k in keys):
-        return "original", ""
-    if any(k.startswith("transformer_blocks.") for k in keys):
-        return "diffusers", ""
-    raise CheckpointError(
-        f"{reader.name}: no SD3 transformer keys found (looked for '{km.ORIGINAL_PREFIX}joint_blocks.*', "
-        f"'joint_blocks.*' and 'transformer_blocks.*'); first keys: {sorted(keys)[:5]}"
-    )
-
-
-def infer_config(reader: SafetensorsReader, layout: str, prefix: str = "") -> MMDiTConfig:
-    """Read the architecture from tensor shapes; warn if it matches no known preset."""
-    probe = _PROBES[layout]
+def infer_config(reader: Reader, layout: str, prefix: str = "") -> MMDiTConfig:
+    """Read the architecture from tensor shapes (probes in keymaps/mmdit.py); warn if it matches no preset."""
+    probe = km.PROBES[layout]
     keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
 
     def shape(name: str) -> tuple[int, ...]:
@@ -95,18 +117,5 @@ def infer_config(reader: SafetensorsReader, layout: str, prefix: str = "") -> MM
     )
     if config not in MMDIT_PRESETS.values():
         warnings.warn(f"{reader.name}: inferred transformer config matches no preset "
-                      f"({', '.join(MMDIT_PRESETS)}): {config}", stacklevel=3)
+                      f"({', '.join(MMDIT_PRESETS)}): {config}", stacklevel=4)
     return config
-
-
-def to_diffusers_state_dict(model: MMDiT) -> dict[str, torch.Tensor]:
-    """Our state dict in diffusers names (inverse of the table): for export and round-trip tests."""
-    state, out = model.state_dict(), {}
-    for key, (sources, tname) in resolve(state.keys(), km.diffusers_table(model.config.depth)).items():
-        t = state[key]
-        parts = t.chunk(len(sources), dim=0) if tname == "cat0" else [t]
-        if tname == "swap_halves":
-            a, b = t.chunk(2, dim=0)
-            parts = [torch.cat([b, a], dim=0)]
-        out.update({s: p.clone() for s, p in zip(sources, parts)})
-    return out

@@ -41,6 +41,16 @@ class Capture:
     attn_probs: torch.Tensor | None = None
 
 
+def _with_attn_probs(block: JointBlock, ctx: torch.Tensor, x: torch.Tensor, vec: torch.Tensor):
+    """Run `block` keeping its joint attention probabilities: (ctx, x, probs (B, H, L+N, L+N))."""
+    block.keep_attn_probs = True
+    try:
+        ctx, x = block(ctx, x, vec)
+        return ctx, x, block.__dict__.pop("attn_probs")
+    finally:
+        del block.keep_attn_probs  # back to the class default, False
+
+
 class MMDiT(nn.Module):
     """SD3's multimodal diffusion transformer (velocity prediction for rectified flow)."""
 
@@ -48,7 +58,7 @@ class MMDiT(nn.Module):
         super().__init__()
         self.config = c = config
         D = c.hidden_size
-        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D, c.pos_embed_max_size, c.sample_size // c.patch_size)
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D, c.pos_embed_max_size)
         # Stored in checkpoints, so a buffer that loads; initialised here for freshly built models.
         self.register_buffer("pos_embed", self._init_pos_embed(), persistent=True)
         self.t_embedder = MLPEmbedder(256, D)  # 256 sinusoidal features, see timestep_features
@@ -94,6 +104,15 @@ class MMDiT(nn.Module):
         table = sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)
         return table.unsqueeze(0)
 
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (`model.to(dtype)` converts them all, buffers included)."""
+        return self.pos_embed.dtype
+
     def forward(
         self,
         latents: torch.Tensor,
@@ -117,11 +136,12 @@ class MMDiT(nn.Module):
         ctx = self.context_embedder(context)  # (B, L, D)
 
         for i, block in enumerate(self.joint_blocks):
-            if i not in skip_blocks:
-                probs = [] if capture is not None and capture.attn_probs_of == i else None
-                ctx, x = block(ctx, x, vec, probs)
-                if probs:
-                    capture.attn_probs = probs[0]
+            if i in skip_blocks:
+                pass
+            elif capture is not None and capture.attn_probs_of == i:
+                ctx, x, capture.attn_probs = _with_attn_probs(block, ctx, x, vec)
+            else:
+                ctx, x = block(ctx, x, vec)
             if capture is not None and capture.blocks:
                 capture.block_outputs.append((ctx, x))
 

@@ -7,22 +7,19 @@ Decoder, DiagonalGaussianDistribution), `unets/unet_2d_blocks.py` (UNetMidBlock2
 
 Parameter names are diffusers' (`decoder.up_blocks.0.resnets.1.conv1`, `mid_block.attentions.0.to_q`),
 so a diffusers file loads unchanged; the LDM names of Stability single files map through
-`flashsd3/keymaps/vae.py`. Shapes: images (B, 3, H, W) in [-1, 1]; VAE latents z (B, 16, H/8, W/8).
+`flashsd3/keymaps/vae.py` (loader: `vae/loading.py`). Shapes: images (B, 3, H, W) in [-1, 1]; VAE
+latents z (B, 16, H/8, W/8).
 The diffusion model works on `vae_to_latents(z)`, normalised by the config's scale and shift.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SD3_VAE, VAEConfig
-from .keymaps import vae as km
-from .weights import CheckpointError, SafetensorsReader, load_into, open_checkpoint, read_config
+from ..config import SD3_VAE, VAEConfig
 
 EPS = 1e-6  # every GroupNorm of the LDM autoencoder (diffusers resnet_eps=1e-6)
 
@@ -191,7 +188,7 @@ class DiagonalGaussian:
     logvar: torch.Tensor  # same shape, clamped to [-30, 20] as LDM/diffusers do
 
     @classmethod
-    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar.clamp(-30.0, 20.0))
 
@@ -217,6 +214,15 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (the decoder's input conv stands for all: `to(dtype)` converts every one)."""
+        return self.decoder.conv_in.weight.dtype
 
     @property
     def downscale(self) -> int:
@@ -299,84 +305,3 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, overlap: int, fac
             left = t[:, :, :, max(t.shape[3] - blend, 0):].clone()
             out[:, :, y * factor:y * factor + keep, x * factor:x * factor + keep] = t[:, :, :keep, :keep]
     return out
-
-
-# Loading -------------------------------------------------------------------------------------
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None) -> VAE:
-    """Load the VAE strictly from a diffusers `vae/` folder (or pipeline root), a diffusers-keys
-    safetensors file, or the `first_stage_model.*` part of a Stability single file (other models in
-    it are ignored). Config: `config`, else the folder's config.json, else SD3_VAE with the
-    architecture read from the tensors. dtype None keeps the file's dtype; tensors are read
-    memory-mapped and converted one by one."""
-    reader, config_json = open_checkpoint(source, weights_name=WEIGHTS_NAME, subfolder="vae", what="VAE")
-    file_config = read_config(config_json, VAEConfig.from_diffusers, "AutoencoderKL")
-    layout, prefix = detect_layout(reader)
-    found = infer_architecture(reader, layout, prefix)
-    config = config or file_config or _config_from_tensors(reader, found)
-    misfit = [f"{k}: tensors say {v}, config says {getattr(config, k)}" for k, v in found.items()
-              if getattr(config, k) != v]
-    with torch.device("meta"):
-        model = VAE(config)
-    keys = model.state_dict().keys()
-    table = km.identity_table(keys) if layout == "diffusers" else km.ldm_table(len(config.block_out_channels))
-    try:
-        load_into(model, reader, table, prefix=prefix, dtype=dtype, device=device)
-    except CheckpointError as e:
-        if misfit:  # say why before the key-by-key report
-            raise CheckpointError(f"VAE weights do not fit the config ({'; '.join(misfit)})\n{e}") from None
-        raise
-    return model.eval()
-
-
-def detect_layout(reader: SafetensorsReader) -> tuple[str, str]:
-    """('ldm' | 'diffusers', key prefix) from the keys present."""
-    keys = reader.keys()
-    if any(k.startswith(km.LDM_PREFIX) for k in keys):
-        return "ldm", km.LDM_PREFIX
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
-        return "diffusers", ""
-    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
-        return "ldm", ""
-    raise CheckpointError(
-        f"{reader.name}: no VAE keys found (looked for '{km.LDM_PREFIX}*', 'encoder.down_blocks.*' and "
-        f"'encoder.down.*'); first keys: {sorted(keys)[:5]}"
-    )
-
-
-def infer_architecture(reader: SafetensorsReader, layout: str, prefix: str = "") -> dict:
-    """The VAEConfig fields that tensor shapes determine (not norm groups, not latent scale/shift).
-    A field whose probe key is absent is left out."""
-    probe, keys = km.PROBES[layout], set(reader.keys())
-
-    def dim(key: str, d: int) -> int | None:
-        return reader.shape(prefix + key)[d] if prefix + key in keys else None
-
-    def count(template: str) -> int:
-        n = 0
-        while prefix + template.replace("{i}", str(n)) in keys:
-            n += 1
-        return n
-
-    found = dict(
-        in_channels=dim("encoder.conv_in.weight", 1),
-        out_channels=dim("decoder.conv_out.weight", 0),
-        latent_channels=dim("decoder.conv_in.weight", 1),
-        block_out_channels=tuple(dim(probe["level"].replace("{i}", str(i)), 0)
-                                 for i in range(count(probe["level"]))) or None,
-        layers_per_block=count(probe["resnet"]) or None,
-        mid_block_add_attention=prefix + probe["attn"] in keys,
-    )
-    return {k: v for k, v in found.items() if v is not None}
-
-
-def _config_from_tensors(reader: SafetensorsReader, found: dict) -> VAEConfig:
-    config = replace(SD3_VAE, **found)
-    if config != SD3_VAE:
-        warnings.warn(f"{reader.name}: VAE is not SD3's ({', '.join(f'{k}={v}' for k, v in found.items())}); "
-                      "using SD3's norm groups and latent scale/shift; pass config= otherwise", stacklevel=3)
-    return config
