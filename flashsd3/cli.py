@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -313,8 +314,10 @@ def plural(n: int) -> str:
 
 
 def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
-    """A message on one line, cut (at a list separator when there is one) past `limit` characters."""
+    """A message on one line, without advice for Python callers ("pass config= (or X)" -> "X"), cut
+    (at a list separator when there is one) past `limit` characters."""
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    text = re.sub(r"; pass \w+= otherwise", "", re.sub(r"pass \w+= \(or ([^)]*)\)", r"\1", text))
     if len(text) <= limit:
         return text
     cut = text[:limit].rsplit(", ", 1)[0] if ", " in text[:limit] else text[:limit]

@@ -85,6 +85,18 @@ def test_lora_values():
         cli.parse_lora("jasperai/flash-sd3:big")
 
 
+def test_messages_for_the_command_line():
+    assert cli.one_line("f: cannot load\n  missing keys (2): a, b\n") == "f: cannot load missing keys (2): a, b"
+    assert cli.one_line("x: width 96; pass config= (or use a folder with config.json)") == \
+        "x: width 96; use a folder with config.json"  # no keyword advice for CLI users
+    assert cli.one_line("no SD3 norm; pass config= otherwise") == "no SD3 norm"
+    listing = "found " + ", ".join(f"file-{k:04d}.txt" for k in range(1000))
+    short = cli.one_line(listing, limit=100)
+    cut = short.split(", ...")[0]  # cut after a whole list item
+    assert listing.startswith(cut + ", ") and len(cut) <= 100, short
+    assert short == f"{cut}, ... ({len(listing) - len(cut)} more characters)"
+
+
 def test_mkl_reproducibility_is_set_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("MKL_CBWR", raising=False)
     cli.reproducible_mkl()
