@@ -18,6 +18,7 @@ The encoders are transformers models; we only load them strictly (flashsd3.weigh
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,11 +80,13 @@ class TextEncoders(nn.Module):
     def encode(self, prompts: str | list[str], *, t5_tokens: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> context (B, 77 + t5_tokens, context_dim), pooled (B, L + G projection dims).
 
-        Prompts longer than 77 CLIP tokens (or t5_tokens T5 tokens) are truncated, as in diffusers.
+        Prompts longer than 77 CLIP tokens (or t5_tokens T5 tokens) are truncated, as in diffusers,
+        with a warning for CLIP's limit.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        warn_truncated(self.tokenizer_l, prompts)
         l_tokens, l_pooled = clip_features(self.tokenizer_l, self.clip_l, prompts)  # (B, 77, 768), (B, 768)
         g_tokens, g_pooled = clip_features(self.tokenizer_g, self.clip_g, prompts)  # (B, 77, 1280), (B, 1280)
         clip = torch.cat([l_tokens, g_tokens], dim=-1).to(self.dtype)  # (B, 77, 2048)
@@ -159,6 +162,17 @@ class TextEncoders(nn.Module):
         tok_l, tok_g, tok_t5 = tokenizers
         clip_l, clip_g, t5 = (*models, None)[:3]
         return cls(tok_l, clip_l, tok_g, clip_g, tok_t5, t5, context_dim=context_dim)
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> None:
+    """One warning per call if a prompt is longer than CLIP's 77 tokens (start and end tokens included):
+    the rest is cut off, as diffusers `_get_clip_prompt_embeds` does (with its own warning)."""
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]  # start/end tokens included
+    long = [n for n in lengths if n > CLIP_TOKENS]
+    if long:
+        which = f"a prompt of {long[0]}" if len(long) == 1 else f"{len(long)} prompts of up to {max(long)}"
+        warnings.warn(f"{which} CLIP tokens: only the first {CLIP_TOKENS} of each are used, the rest is cut off",
+                      stacklevel=4)  # the caller of encode (past torch.no_grad's wrapper)
 
 
 def clip_features(tokenizer, encoder: CLIPTextModelWithProjection, prompts: list[str]):

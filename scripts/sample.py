@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for a plain checkout
 
-from flashsd3.cli import main  # noqa: E402
+from flashsd3.cli import main  # noqa: E402  (imports no torch: main sets MKL_CBWR first, see cli.reproducible_mkl)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ Parity is asserted BITWISE (torch.equal): we call the very same transformers mod
 ids and only concatenate / zero-pad, so any difference at all would be a bug, not rounding.
 """
 import json
+import warnings
 
 import pytest
 import torch
@@ -250,3 +251,18 @@ def test_shipped_configs_are_sd3_medium():
     t5 = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size")
     assert [t[k] for k in t5] == [4096, 10240, 24, 64, 64, 32128]
     assert t["feed_forward_proj"] == "gated-gelu" and cl["eos_token_id"] == cg["eos_token_id"] == 2
+
+
+def test_long_prompt_warns_once_with_its_token_count(clips):
+    """diffusers truncates to 77 CLIP tokens with a logged warning; we warn (Python warning) once per call."""
+    tok, enc, tok2, enc2 = clips
+    te = TextEncoders(tok, enc, tok2, enc2, context_dim=CONTEXT)
+    n = len(tok(LONG).input_ids)  # start and end tokens included
+    with pytest.warns(UserWarning, match=rf"^a prompt of {n} CLIP tokens: only the first 77") as caught:
+        te.encode(["short", LONG])
+    with pytest.warns(UserWarning, match=rf"^2 prompts of up to {n} CLIP tokens"):
+        te.encode([LONG, LONG[:-30]])
+    assert n > 77 and len(caught) == 1 and caught[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        te.encode(["a photo of a cat", "a" * 70])  # within the limit: silent

@@ -1,0 +1,45 @@
+"""flashsd3.distributed: one process without a group, and the object collectives on a one-rank gloo group.
+Two real ranks under torchrun: tests/test_cli.py::test_torchrun_two_ranks_match_one_process."""
+import pytest
+import torch.distributed as dist
+
+from flashsd3.distributed import Ranks, resolve_device
+
+
+def test_one_process_needs_no_group(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ranks = Ranks.from_env()
+    ranks.start("gloo")
+    assert (ranks.world, ranks.rank, ranks.local_rank, ranks.started) == (1, 0, None, False)
+    assert ranks.gather((3, 1.5)) == [(3, 1.5)] and ranks.from_rank0(2**63 + 5) == 2**63 + 5
+    assert ranks.first_failure(None) is None and ranks.first_failure("bad") == (0, "bad")
+    ranks.close(synchronize=True)
+
+
+def test_env_of_a_torchrun_worker(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Ranks.from_env() == Ranks(world=4, rank=3, local_rank=1)
+
+
+def test_object_collectives_on_a_group(tmp_path):
+    """Seeds past 2**53 and messages travel intact (a float64 all_reduce would round the seed)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ranks = Ranks(world=1, rank=0, started=True)
+    try:
+        assert ranks.from_rank0(2**64 - 1) == 2**64 - 1
+        assert ranks.gather((7, 0.25)) == [(7, 0.25)]
+        assert ranks.first_failure("--seed 5: bad") == (0, "--seed 5: bad") and ranks.first_failure(None) is None
+    finally:
+        ranks.close(synchronize=True)
+    assert not dist.is_initialized() and not ranks.started
+
+
+def test_resolve_device():
+    assert resolve_device("cpu", None).type == "cpu"
+    with pytest.raises(ValueError, match="--device nope: not a device"):
+        resolve_device("nope", None)
