@@ -291,7 +291,7 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "none plus lora": (["--prompt", "x", "--lora", "none", "--lora", "a/b"], "cannot be combined"),
     "missing model path": (["--prompt", "x", "--model", "{tmp}/no/such/model"], "--model"),
     "crowded model folder": (["--prompt", "x", "--model", "{tmp}/crowded", "--lora", "none"],
-                             "more characters)"),  # a listing of 300 long names, cut
+                             "... and 292 more"),  # a listing of 300 long names, capped by the library
     "unwritable out": (["--demo", "--out", "{tmp}/a_file/sub"], "cannot write to --out"),
     "unwritable out under ~": (["--demo", "--out", "~/a_file/sub"], "cannot write to --out {tmp}/a_file/sub"),
     "huge count, existing file": (["--demo", "--prompt", "x", "--seed", "0", "--num-images", str(10**15),

@@ -52,9 +52,11 @@ def transformer_config(source: str | Path) -> MMDiTConfig:
     """The config `load_transformer(source)` would use, read without loading any tensor: config.json,
     else inferred from the safetensors headers (for checks before a model is loaded)."""
     reader, config_json = _open(source)
+    config = read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
+    if config is not None:  # config.json decides; the keys are checked when the weights load
+        return config
     layout = detect_layout(reader, km.LAYOUTS, "SD3 transformer")
-    return (read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
-            or infer_config(reader, layout.name, layout.prefix))
+    return infer_config(reader, layout.name, layout.prefix)
 
 
 def _open(source: str | Path):
