@@ -14,7 +14,12 @@ from safetensors.torch import load_file
 
 from flashsd3.training import cli
 from flashsd3.training.cache import CachedData, posterior_samples
-from flashsd3.training.data import DataError, centre_crop_resize, find_examples, load_image
+from flashsd3.training.data import (
+    DataError,
+    centre_crop_resize,
+    find_examples,
+    load_image,
+)
 
 ERR = "flashsd3-train: error:"
 PX = 32  # demo VAE downscale 8 x patch 2 -> 2x2 tokens; small enough for seconds
