@@ -151,3 +151,14 @@ def test_output_folder_and_resume_rules(cache, reference, tmp_path, capsys):
     assert "unknown setting 'learning_rate' in" in main("flow", "--cache", cache, "--out", tmp_path / "c",
                                                          "--config", tmp_path / "c.toml")
     assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
+
+
+def test_trained_weights_load_as_a_transformer(reference):
+    """Full-weight runs end with RUN/transformer/ (config.json + weights) that load_transformer reads."""
+    from flashsd3.mmdit import load_transformer
+
+    state = load_transformer(reference / "transformer").state_dict()
+    trained = final(reference)
+    assert all(torch.equal(state[k], v) for k, v in trained.items())  # fp32 written and read back: exact
+    cfg = json.loads((reference / "config.json").read_text())
+    assert cfg["command"] == "flow" and cfg["train_modules"] == ["joint_blocks.1.*"] and cfg["steps"] == STEPS

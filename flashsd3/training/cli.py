@@ -22,6 +22,7 @@ from pathlib import Path
 PROG = "flashsd3-train"
 INTERRUPTED = 130
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+METAVARS = {int: "N", float: "X", str: "TEXT", tuple: "A,B,..."}
 
 
 def commands() -> dict:
@@ -46,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             parser.add_argument(flag, type=str if kind is tuple else kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help + default)
+                                choices=f.metadata.get("choices"), metavar=METAVARS[kind], help=help + default)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,9 +92,12 @@ def setup_ranks(device: str) -> Ranks:
     return Ranks(int(os.environ.get("RANK", "0")), world, dev)
 
 
-def close_ranks(ranks: Ranks) -> None:
+def close_ranks(ranks: Ranks, finished: bool) -> None:
+    """After a finished run every rank meets once more (no rank exits while another still writes); after an
+    error a rank leaves at once (torchrun stops the others)."""
     if ranks.world > 1 and dist.is_initialized():
-        dist.barrier()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -201,10 +204,13 @@ def train(cfg: TrainConfig, build_task, *, resume: bool = False, overwrite: bool
     (adapters or weights of the frozen transformer) and may add modules of its own to `Task.module`.
     """
     ranks = setup_ranks(cfg.device)
+    finished = False
     try:
-        return _run(cfg, build_task, ranks, resume, overwrite)
+        code = _run(cfg, build_task, ranks, resume, overwrite)
+        finished = True
+        return code
     finally:
-        close_ranks(ranks)
+        close_ranks(ranks, finished)
 
 
 def _open_run(cfg: TrainConfig, ranks: Ranks, resume: bool, overwrite: bool) -> tuple[CachedData, str, Path | None]:
