@@ -24,7 +24,7 @@ from flashsd3.training import cli
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
-RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--train-modules", "joint_blocks.1.*", "--checkpoint-every", "1",
+RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--lora-rank", "4", "--checkpoint-every", "1",
        "--keep-checkpoints", "0", "--sample-every", "0"]
 SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "400"]  # seconds per step: time to deliver a signal
 
@@ -153,12 +153,57 @@ def test_output_folder_and_resume_rules(cache, reference, tmp_path, capsys):
     assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
 
 
-def test_trained_weights_load_as_a_transformer(reference):
-    """Full-weight runs end with RUN/transformer/ (config.json + weights) that load_transformer reads."""
+def test_full_weights_run_ends_with_a_loadable_transformer(cache, tmp_path):
+    """--train-modules trains those weights in fp32 and ends with RUN/transformer/ that load_transformer reads."""
     from flashsd3.mmdit import load_transformer
 
-    state = load_transformer(reference / "transformer").state_dict()
-    trained = final(reference)
+    out = tmp_path / "full"
+    proc = run([*flow(cache, out), "--steps", "2", "--train-modules", "joint_blocks.1.*,final_layer.linear.*"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state, trained = load_transformer(out / "transformer").state_dict(), final(out, 2)
+    assert len(trained) == 16 and all(k.startswith(("joint_blocks.1.", "final_layer.linear.")) for k in trained)
     assert all(torch.equal(state[k], v) for k, v in trained.items())  # fp32 written and read back: exact
-    cfg = json.loads((reference / "config.json").read_text())
-    assert cfg["command"] == "flow" and cfg["train_modules"] == ["joint_blocks.1.*"] and cfg["steps"] == STEPS
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"] == "flow" and cfg["train_modules"] == ["joint_blocks.1.*", "final_layer.linear.*"]
+
+
+def test_saved_adapter_loads_for_sampling(reference, tmp_path):
+    """RUN/lora (save_lora, PEFT layout) gives the trained model back through load_lora and flashsd3-sample."""
+    from flashsd3 import cli as sample_cli
+    from flashsd3.lora import load_lora
+    from flashsd3.pipeline import FlashSD3Pipeline
+    from flashsd3.training.config import make_config
+    from flashsd3.training.flow import FlowConfig
+    from flashsd3.training.trainable import make_trainable
+
+    saved = json.loads((reference / "config.json").read_text())
+    cfg = make_config(FlowConfig, {k: v for k, v in saved.items() if k != "command"})
+    trained = FlashSD3Pipeline.demo(seed=0).transformer
+    make_trainable(cfg, trained)  # the run's adapters, then its final values
+    params = dict(trained.named_parameters())
+    with torch.no_grad():
+        for k, v in final(reference).items():
+            params[k].copy_(v)
+    loaded = FlashSD3Pipeline.demo(seed=0).transformer
+    load_lora(loaded, reference / "lora")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 154, 32, generator=g), torch.randn(2, 24, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        # same adapters, the file's B @ A regrouped per diffusers layer (q, k, v): fp32 rounding only
+        torch.testing.assert_close(loaded(x, t, ctx, pooled), trained(x, t, ctx, pooled), rtol=1e-5, atol=1e-6)
+    assert sample_cli.main(["--demo", "--lora", str(reference / "lora"), "--prompt", "a red circle", "--seed", "0",
+                            "--height", "32", "--width", "32", "--steps", "2", "--out", str(tmp_path / "img")]) == 0
+    assert len(list((tmp_path / "img").glob("*.png"))) == 1
+
+
+def test_config_file_then_flags(cache, tmp_path):
+    """Settings from a TOML file, flags over them; the resolved configuration is saved beside the outputs."""
+    out = tmp_path / "cfg"
+    (tmp_path / "run.toml").write_text(f'cache = "{cache}"\nout = "{out}"\nsteps = 3\nbatch-size = 2\n'
+                                       'train_modules = ["final_layer.*"]\nsample_every = 0\nlr = 5e-4\n')
+    assert cli.main(["flow", "--config", str(tmp_path / "run.toml"), "--steps", "1", "--caption-dropout", "0.5"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["steps"], saved["batch_size"], saved["lr"], saved["caption_dropout"]) == (1, 2, 5e-4, 0.5)
+    assert saved["train_modules"] == ["final_layer.*"] and saved["command"] == "flow"
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1]

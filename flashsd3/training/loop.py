@@ -124,9 +124,9 @@ def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over cfg.warmup_steps, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of each parameter group's learning rate at `step`: linear warm-up, then constant."""
+    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
 
 
 # Output folder ----------------------------------------------------------------------------------
@@ -258,16 +258,32 @@ def _precision(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
 
 
+@dataclass
+class Run:
+    """What the steps of a started run share (one per process)."""
+
+    cfg: TrainConfig
+    task: Task
+    module: nn.Module  # task.module, or its DDP wrapper
+    named: dict[str, nn.Parameter]  # the trained parameters by name (checkpoint keys)
+    optimizer: torch.optim.Optimizer
+    data: CachedData
+    ranks: Ranks
+    autocast: object  # a context manager: bf16 autocast or nullcontext
+    out: Path
+
+
 def _run(cfg: TrainConfig, build_task, ranks: Ranks, resume: bool, overwrite: bool) -> int:
     data, model_name, ckpt = _open_run(cfg, ranks, resume, overwrite)
-    out = Path(cfg.out)
     autocast, base_dtype = _precision(cfg, ranks.device)
-    torch.manual_seed(cfg.seed)  # same initial adapters on every rank and for any number of ranks
-    transformer = models.load_transformer(model_name, base_dtype if not cfg.train_modules else torch.float32,
-                                          ranks.device)
+    transformer = models.load_transformer(model_name, torch.float32 if cfg.train_modules else base_dtype, ranks.device)
     task = build_task(cfg, transformer, data, ranks)
     named = {n: p for n, p in task.module.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(named.values(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    # A task may ask for parameter groups (e.g. another lr for a discriminator); lr_factor scales each group's lr.
+    groups = task.param_groups(named) if hasattr(task, "param_groups") else [{"params": list(named.values())}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     step = _restore(ckpt, named, optimizer) if ckpt else 0
     module = task.module
     if ranks.world > 1:
@@ -278,60 +294,63 @@ def _run(cfg: TrainConfig, build_task, ranks: Ranks, resume: bool, overwrite: bo
         n = sum(p.numel() for p in named.values())
         print(f"training {n:,} parameters in {len(named)} tensors, from step {step} to {cfg.steps}"
               f"{f' (resumed from {ckpt})' if ckpt else ''}; {ranks.world} rank(s), {len(data)} examples", flush=True)
-    return _loop(cfg, task, module, named, optimizer, data, ranks, step, out, model_name, autocast)
+    run = Run(cfg, task, module, named, optimizer, data, ranks, autocast, Path(cfg.out))
+    grids = GridMaker(cfg, data, model_name, ranks) if ranks.main and cfg.sample_every else None
+    return _loop(run, step, grids)
 
 
-def _loop(cfg, task, module, named, optimizer, data, ranks, step, out, model_name, autocast) -> int:
+def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
     from tqdm import tqdm
 
-    grids = GridMaker(cfg, data, model_name, ranks) if ranks.main and cfg.sample_every else None
+    cfg, ranks = run.cfg, run.ranks
     bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not ranks.main or None, dynamic_ncols=True)
     start, first = time.perf_counter(), step
     with stop_requests() as flag:
         while step < cfg.steps:
-            logs = _step(cfg, task, module, named, optimizer, data, ranks, step, autocast)
+            logs = _step(run, step)
             step += 1
-            *values, stop = all_sum(ranks, [*logs.values(), float(flag["stop"])])
+            *values, stop = all_sum(ranks, [*logs.values(), float(flag["stop"])])  # every rank stops together
             logs = {k: v / ranks.world for k, v in zip(logs, values)}
             if ranks.main:
-                rate = (step - first) / (time.perf_counter() - start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                _log(out, {"step": step, **logs, "lr": lr_at(cfg, step - 1), "it_s": rate})
+                rate = (step - first) / (time.perf_counter() - start)
+                _log(run.out, {"step": step, **logs, "lr": cfg.lr * lr_factor(cfg, step - 1), "it_s": rate})
             if grids is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
-                grids.save(task, step, autocast)
+                grids.save(run.task, step, run.autocast)
             if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(cfg, named, optimizer, ranks, step, out, len(data))
+                _checkpoint(run, step)
             if stop:
                 bar.close()
                 if ranks.main:
-                    print(f"interrupted: checkpoint at step {step} in {out / 'checkpoints'}; continue with --resume",
-                          flush=True)
+                    print(f"interrupted: checkpoint at step {step} in {run.out / 'checkpoints'}; "
+                          "continue with --resume", flush=True)
                 return INTERRUPTED
     bar.close()
     if ranks.main:
-        task.save_final(out)
-        atomic_json(out / "done.json", {"step": step})
-        print(f"done: {step} steps; outputs in {out}", flush=True)
+        run.task.save_final(run.out)
+        atomic_json(run.out / "done.json", {"step": step})
+        print(f"done: {step} steps; outputs in {run.out}", flush=True)
     return 0
 
 
-def _step(cfg, task, module, named, optimizer, data, ranks, step, autocast) -> dict:
+def _step(run: Run, step: int) -> dict:
     """One optimiser step on this rank's rows of global batch `step`; returns its logs (loss first)."""
+    cfg, ranks = run.cfg, run.ranks
     b = cfg.batch_size // ranks.world
     rows = slice(ranks.rank * b, (ranks.rank + 1) * b)
-    indices = global_batch(step, len(data), cfg.batch_size, cfg.seed)[rows]
-    latents, context, pooled = (t.to(ranks.device, torch.float32) for t in data.batch(indices))  # autocast casts
+    indices = global_batch(step, len(run.data), cfg.batch_size, cfg.seed)[rows]
+    latents, context, pooled = (t.to(ranks.device, torch.float32) for t in run.data.batch(indices))  # autocast casts
     torch.manual_seed(((cfg.seed * 1_000_003 + 2 + ranks.rank) << 32) + step)  # per-rank, per-step global RNG
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(cfg, step)
-    batch = Batch(latents, context, pooled, rows, cfg.batch_size, step)
-    with autocast:
-        loss, logs = task.loss(module, batch, step_generator(cfg.seed, step))
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(cfg, step)
+    with run.autocast:
+        loss, logs = run.task.loss(run.module, Batch(latents, context, pooled, rows, cfg.batch_size, step),
+                                   step_generator(cfg.seed, step))
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    norm = torch.nn.utils.clip_grad_norm_(run.named.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss.item(), "grad_norm": norm.item(), **{k: float(v) for k, v in logs.items()}}
 
 
@@ -340,12 +359,13 @@ def _log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _checkpoint(cfg, named, optimizer, ranks, step, out, n_examples: int) -> None:
-    if ranks.main:
-        per_epoch = n_examples // cfg.batch_size
+def _checkpoint(run: Run, step: int) -> None:
+    cfg = run.cfg
+    if run.ranks.main:
+        per_epoch = len(run.data) // cfg.batch_size
         position = {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}
-        extra = {"config": asdict(cfg), "param_names": list(named), "data_position": position}
-        save_checkpoint(out / "checkpoints", step, {n: p for n, p in named.items()}, optimizer, extra,
+        extra = {"config": asdict(cfg), "param_names": list(run.named), "data_position": position}
+        save_checkpoint(run.out / "checkpoints", step, dict(run.named), run.optimizer, extra,
                         keep=cfg.keep_checkpoints)
-    if ranks.world > 1:
+    if run.ranks.world > 1:
         dist.barrier()  # nobody runs ahead of (or exits before) a checkpoint being written
