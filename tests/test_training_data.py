@@ -164,3 +164,16 @@ def test_prepare_bad_input_one_line(case, tmp_path, capsys):
                          "--skip-bad"]) == 0
         assert "cached 2 examples in 1 shards" in capsys.readouterr().out
         assert "img02.png: unreadable image" in json.loads((out / "cache.json").read_text())["skipped"][0]
+
+
+def test_training_demo_models_are_the_sampling_demo():
+    """flow --model demo builds the transformer and VAE without the text encoders; they must be the
+    weights FlashSD3Pipeline.demo() (and so `flashsd3-sample --demo`) has, or an adapter would not fit them."""
+    from flashsd3.pipeline import FlashSD3Pipeline
+    from flashsd3.training import models
+
+    pipe = FlashSD3Pipeline.demo(seed=0)
+    for ours, ref in ((models.load_transformer("demo", torch.float32, torch.device("cpu")), pipe.transformer),
+                      (models.load_vae("demo", torch.float32, torch.device("cpu")), pipe.vae)):
+        theirs = ref.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items()) and len(theirs) > 0

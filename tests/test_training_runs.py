@@ -26,7 +26,7 @@ STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
 RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--lora-rank", "4", "--checkpoint-every", "1",
        "--keep-checkpoints", "0", "--sample-every", "0"]
-SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "400"]  # seconds per step: time to deliver a signal
+SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "60"]  # ~1 s per step here: time to deliver a signal
 
 
 def env() -> dict:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline import SHIFT
 from ..sampling import cfg_denoiser, flow_match_sigmas, sample_euler
 from .config import TrainConfig, opt
 from .loop import Batch
@@ -24,6 +23,8 @@ from .objectives import (
 )
 from .trainable import make_trainable, save_trained
 
+SHIFT = 3.0  # SD3-medium scheduler_config.json, as pipeline.SHIFT (not imported: pipeline imports transformers)
+
 
 @dataclass(frozen=True)
 class FlowConfig(TrainConfig):
@@ -33,7 +34,7 @@ class FlowConfig(TrainConfig):
                          choices=("logit-normal", "uniform"))
     logit_mean: float = opt(0.0, "logit-normal mean (SD3 paper: 0)")
     logit_std: float = opt(1.0, "logit-normal std (SD3 paper: 1)")
-    shift: float = opt(SHIFT, "shift map applied to the drawn sigmas (SD3-medium scheduler: 3.0; 1 = none)")
+    shift: float = opt(SHIFT, "shift map applied to the drawn sigmas (1 = none)")
     caption_dropout: float = opt(0.1, "probability of training a sample on the empty prompt (for CFG)")
 
     command = "flow"

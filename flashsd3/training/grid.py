@@ -9,19 +9,20 @@ from PIL import Image, PngImagePlugin
 from . import models
 
 
-def save_grid(images: list[Image.Image], path: Path, columns: int, text: dict[str, str]) -> None:
-    """Tile equal-size images row-major into one PNG with `text` in its metadata."""
+def save_grid(images: torch.Tensor, path: Path, columns: int, text: dict[str, str]) -> None:
+    """Tile (n, 3, H, W) images in [0, 1] row-major into one PNG with `text` in its metadata."""
     from .checkpoint import atomic_file
 
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % columns) * w, (k // columns) * h))
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = images.new_zeros(3, rows * h, columns * w)
+    for k in range(n):
+        grid[:, (k // columns) * h:(k // columns + 1) * h, (k % columns) * w:(k % columns + 1) * w] = images[k]
+    pixels = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")  # as diffusers' numpy_to_pil
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    atomic_file(path, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
+    atomic_file(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
 
 
 class GridMaker:
@@ -39,14 +40,12 @@ class GridMaker:
 
     @torch.no_grad()
     def save(self, task, step: int, autocast) -> Path:
-        from ..pipeline import to_pil
-
         dev = self.device
         with autocast:
             latents = task.sample(self.context.to(dev), self.pooled.to(dev), self.noise.to(dev))
         image = self.vae.decode(self.vae.latents_to_vae(latents.float()))
-        pils = to_pil(((image + 1) / 2).clamp(0, 1))
+        images = ((image.float() + 1) / 2).clamp(0, 1)
         path = Path(self.cfg.out) / "samples" / f"step-{step:07d}.png"
         text = {"step": str(step), "prompts": "\n".join(self.prompts), "seed": str(self.cfg.sample_seed)}
-        save_grid(pils, path, columns=min(4, len(pils)), text=text)
+        save_grid(images, path, columns=min(4, len(images)), text=text)
         return path

@@ -316,7 +316,7 @@ def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 rate = (step - first) / (time.perf_counter() - start)
                 _log(run.out, {"step": step, **logs, "lr": cfg.lr * lr_factor(cfg, step - 1), "it_s": rate})
-            if grids is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+            if grids is not None and not stop and (step % cfg.sample_every == 0 or step == cfg.steps):
                 grids.save(run.task, step, run.autocast)
             if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(run, step)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import SD3_MEDIUM
+from ..config import DEMO, DEMO_VAE, SD3_MEDIUM
 from ..hub import PIPELINE_PATTERNS, looks_like_repo_id, resolve
 
 DEMO_MODEL = "demo"
@@ -28,6 +28,17 @@ def _demo():
     from ..pipeline import FlashSD3Pipeline
 
     return FlashSD3Pipeline.demo(seed=0)
+
+
+def _demo_transformer_and_vae():
+    """FlashSD3Pipeline.demo(seed=0)'s transformer and VAE, built in its order from its seed, without the
+    text encoders (whose import, transformers, costs seconds); tests/test_training_data.py pins the equality."""
+    from ..mmdit import MMDiT
+    from ..vae import VAE
+
+    torch.manual_seed(0)
+    transformer = MMDiT(DEMO).eval()
+    return transformer, VAE(DEMO_VAE).eval()
 
 
 def _root(model: str) -> Path:
@@ -63,7 +74,7 @@ def load_transformer(model: str, dtype: torch.dtype, device: torch.device):
     from ..mmdit import load_transformer as load
 
     if model == DEMO_MODEL:
-        transformer = _demo().transformer
+        transformer = _demo_transformer_and_vae()[0]
     else:
         root = _root(model)
         transformer = load(root if root.is_file() else root / "transformer", dtype=dtype, device=device)
@@ -75,7 +86,7 @@ def load_vae(model: str, dtype: torch.dtype, device: torch.device):
     from ..vae import load_vae as load
 
     if model == DEMO_MODEL:
-        vae = _demo().vae
+        vae = _demo_transformer_and_vae()[1]
     else:
         root = _root(model)
         vae = load(root if root.is_file() else root / "vae", dtype=dtype, device=device)
