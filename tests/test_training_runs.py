@@ -88,10 +88,12 @@ def test_two_ranks_equal_one(cache, reference, tmp_path):
     assert sorted(ours) == sorted(ref) and len(ref) > 0
     moved = max((ref[k] - final(reference, 1)[k]).abs().max().item() for k in ref)
     assert moved > 1e-3  # the comparison below is not between two untouched initialisations
-    # fp32, 6 AdamW steps: the two ranks' gradients are averaged by DDP in another summation order than one
-    # process's batch mean (~1e-7 relative per step); Adam's normalised update passes that on, hence 1e-5.
+    # fp32: DDP averages the two ranks' gradients in another summation order than one process's batch mean
+    # (~1e-7 relative). AdamW's normalised step m / (sqrt(v) + eps) passes that on, most where a gradient is
+    # near eps (the adapters' A at the first steps, while B is ~0): measured up to 4e-6 after 6 steps of
+    # lr 1e-3, i.e. 0.4% of one step. atol 2e-5 = 2% of one step; a wrong shard or average is off by whole steps.
     for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=2e-5, msg=k)
     np.testing.assert_allclose(losses(out), losses(reference), rtol=1e-5)
 
 
