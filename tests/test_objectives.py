@@ -7,13 +7,20 @@ import torch
 from flashsd3.config import TINY
 from flashsd3.mmdit import MMDiT
 from flashsd3.sampling import forward_process, shift_sigmas
-from flashsd3.training.objectives import (discrete_sigmas, drop_conditioning, flow_matching_loss, logit_normal_sigmas,
-                                          training_sigma_table, uniform_sigmas)
+from flashsd3.training.objectives import (
+    discrete_sigmas,
+    drop_conditioning,
+    flow_matching_loss,
+    logit_normal_sigmas,
+    training_sigma_table,
+    uniform_sigmas,
+)
 
 
 def test_forward_process_per_sample_and_scalar():
     g = torch.Generator().manual_seed(0)
-    x0, e = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    e = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
     s = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     x = forward_process(x0, e, s)
     assert torch.equal(x[0], x0[0]) and torch.equal(x[2], e[2])  # sigma 0 = data, 1 = noise, exactly
@@ -61,7 +68,8 @@ def test_init_weights_starts_every_block_as_identity():
     for block in model.joint_blocks:
         out_ctx, out_x = block(ctx, x, vec)
         assert torch.equal(out_x, x) and (out_ctx is None or torch.equal(out_ctx, ctx))
-    assert model(torch.randn(1, 4, 8, 8), torch.tensor([300.0]), torch.randn(1, 5, 32), torch.randn(1, 24)).abs().max() == 0
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+    assert model(x, t, torch.randn(1, 5, 32), torch.randn(1, 24)).abs().max() == 0
 
 
 def test_drop_conditioning():

@@ -46,7 +46,7 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     data = make_images(root / "data", 6)
     code = cli.main(["prepare", "--demo", "--data", str(data), "--resolution", str(PX), "--out", str(root / "cache"),
-                     "--shard-size", "4", "--batch-size", "3"])
+                     "--shard-size", "4", "--batch-size", "3", "--negative-prompt", "blurry, deformed"])
     assert code == 0
     return root
 
@@ -55,7 +55,8 @@ def test_folder_manifest_and_crop(tmp_path):
     data = make_images(tmp_path / "d", 3)
     (data / "img01.txt").unlink()
     examples, problems = find_examples(data)
-    assert [e.image.name for e in examples] == ["img00.png", "img02.png"] and examples[0].caption == "picture 0, a red square"
+    assert [e.image.name for e in examples] == ["img00.png", "img02.png"]
+    assert examples[0].caption == "picture 0, a red square"
     assert len(problems) == 1 and "img01.png" in str(problems[0]) and "no caption" in str(problems[0])
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"image": "d/img00.png", "caption": "x"}\n\n{"image": "d/img01.png"}\n', encoding="utf-8")
@@ -97,6 +98,9 @@ def test_cache_round_trip(cache):
     torch.testing.assert_close(empty_ctx, ref_ctx, rtol=0, atol=0)  # same call, same batch of one: exact
     torch.testing.assert_close(empty_pool, ref_pool, rtol=0, atol=0)
     assert data.prompt_file("prompts.safetensors")[2] == [e.caption for e in examples[:4]]
+    neg_ctx, neg_pool, neg = data.prompt_file("negative.safetensors")
+    ref_ctx, ref_pool = pipe.text_encoders.encode(["blurry, deformed"])
+    assert neg == ["blurry, deformed"] and torch.equal(neg_ctx, ref_ctx) and torch.equal(neg_pool, ref_pool)
 
 
 def test_prepare_resumes_and_refuses_mismatch(cache, tmp_path, capsys):

@@ -31,7 +31,8 @@ SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "60"]  # ~1 s per step he
 
 def env() -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
+    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     return e
 
 
@@ -155,20 +156,6 @@ def test_output_folder_and_resume_rules(cache, reference, tmp_path, capsys):
     assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
 
 
-def test_full_weights_run_ends_with_a_loadable_transformer(cache, tmp_path):
-    """--train-modules trains those weights in fp32 and ends with RUN/transformer/ that load_transformer reads."""
-    from flashsd3.mmdit import load_transformer
-
-    out = tmp_path / "full"
-    proc = run([*flow(cache, out), "--steps", "2", "--train-modules", "joint_blocks.1.*,final_layer.linear.*"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    state, trained = load_transformer(out / "transformer").state_dict(), final(out, 2)
-    assert len(trained) == 16 and all(k.startswith(("joint_blocks.1.", "final_layer.linear.")) for k in trained)
-    assert all(torch.equal(state[k], v) for k, v in trained.items())  # fp32 written and read back: exact
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["command"] == "flow" and cfg["train_modules"] == ["joint_blocks.1.*", "final_layer.linear.*"]
-
-
 def test_saved_adapter_loads_for_sampling(reference, tmp_path):
     """RUN/lora (save_lora, PEFT layout) gives the trained model back through load_lora and flashsd3-sample."""
     from flashsd3 import cli as sample_cli
@@ -189,7 +176,8 @@ def test_saved_adapter_loads_for_sampling(reference, tmp_path):
     loaded = FlashSD3Pipeline.demo(seed=0).transformer
     load_lora(loaded, reference / "lora")
     g = torch.Generator().manual_seed(0)
-    x, ctx, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 154, 32, generator=g), torch.randn(2, 24, generator=g)
+    x, ctx = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 154, 32, generator=g)
+    pooled = torch.randn(2, 24, generator=g)
     t = torch.tensor([300.0, 800.0])
     with torch.no_grad():
         # same adapters, the file's B @ A regrouped per diffusers layer (q, k, v): fp32 rounding only
@@ -199,13 +187,20 @@ def test_saved_adapter_loads_for_sampling(reference, tmp_path):
     assert len(list((tmp_path / "img").glob("*.png"))) == 1
 
 
-def test_config_file_then_flags(cache, tmp_path):
-    """Settings from a TOML file, flags over them; the resolved configuration is saved beside the outputs."""
+def test_config_file_flags_and_full_weights(cache, tmp_path):
+    """Settings from a TOML file, flags over them, the resolved configuration saved beside the outputs; a
+    --train-modules run trains those weights in fp32 and ends with RUN/transformer/ that load_transformer reads."""
+    from flashsd3.mmdit import load_transformer
+
     out = tmp_path / "cfg"
     (tmp_path / "run.toml").write_text(f'cache = "{cache}"\nout = "{out}"\nsteps = 3\nbatch-size = 2\n'
-                                       'train_modules = ["final_layer.*"]\nsample_every = 0\nlr = 5e-4\n')
-    assert cli.main(["flow", "--config", str(tmp_path / "run.toml"), "--steps", "1", "--caption-dropout", "0.5"]) == 0
+                                       'train_modules = ["joint_blocks.1.*"]\nsample_every = 0\nlr = 5e-4\n')
+    assert cli.main(["flow", "--config", str(tmp_path / "run.toml"), "--steps", "2", "--caption-dropout", "0.5",
+                     "--train-modules", "joint_blocks.1.*,final_layer.linear.*"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["steps"], saved["batch_size"], saved["lr"], saved["caption_dropout"]) == (1, 2, 5e-4, 0.5)
-    assert saved["train_modules"] == ["final_layer.*"] and saved["command"] == "flow"
-    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (saved["steps"], saved["batch_size"], saved["lr"], saved["caption_dropout"]) == (2, 2, 5e-4, 0.5)
+    assert saved["train_modules"] == ["joint_blocks.1.*", "final_layer.linear.*"] and saved["command"] == "flow"
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state, trained = load_transformer(out / "transformer").state_dict(), final(out, 2)
+    assert len(trained) == 16 and all(k.startswith(("joint_blocks.1.", "final_layer.linear.")) for k in trained)
+    assert all(torch.equal(state[k], v) for k, v in trained.items())  # fp32 written and read back: exact

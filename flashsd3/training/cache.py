@@ -151,18 +151,23 @@ def posterior_samples(posterior, indices: list[int], seed: int) -> torch.Tensor:
 
 def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, text, *, shard_size: int = 256,
                   batch_size: int = 8, skip_bad: bool = False, skipped: list[Problem] = (),
-                  sample_prompts: list[str] | None = None, progress: Callable[[int], None] | None = None) -> dict:
+                  sample_prompts: list[str] | None = None, negative_prompt: str | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict:
     """Encode `examples` into `folder` (resuming an unfinished cache); returns the final cache.json record.
 
-    sample_prompts: fixed prompts for sample grids (default: the first four captions). progress(n) is called
+    sample_prompts: fixed prompts for sample grids (default: the first four captions). negative_prompt: also
+    cached, as negative.safetensors (for objectives whose guidance uses one). progress(n) is called
     with the number of examples done after each shard (including shards found already written).
     """
     record = start_cache(folder, spec, examples, shard_size, list(skipped))
-    if record["complete"]:
-        return record
     prompts = sample_prompts or [ex.caption for ex in examples[:4]]
     _save_tensors(folder / "empty.safetensors", encode_text(text, [""], spec.clip_width))
     _save_tensors(folder / "prompts.safetensors", encode_text(text, prompts, spec.clip_width), {"prompts": prompts})
+    if negative_prompt is not None:  # the Flash recipe's CFG uses a fixed negative prompt (flash-training.md 1.1)
+        _save_tensors(folder / "negative.safetensors", encode_text(text, [negative_prompt], spec.clip_width),
+                      {"prompts": [negative_prompt]})
+    if record["complete"]:  # only the prompt files were (re)written
+        return record
     shards = []
     for k, first in enumerate(range(0, len(examples), shard_size)):
         path = folder / f"shard-{k:05d}.safetensors"
@@ -230,7 +235,9 @@ class CachedData:
         return assemble_context(clip, self.spec.context_dim, self.spec.t5_tokens)
 
     def prompt_file(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(context, pooled, prompts) of empty.safetensors or prompts.safetensors."""
+        """(context, pooled, prompts) of empty.safetensors, prompts.safetensors or negative.safetensors."""
+        if not (self.folder / name).is_file():
+            raise CacheError(f"the cache {self.folder} has no {name} (see `flashsd3-train prepare --help`)")
         with safe_open(str(self.folder / name), "pt") as f:
             prompts = json.loads((f.metadata() or {}).get("prompts", '[""]'))
             return self.context(f.get_tensor("clip")), f.get_tensor("pooled"), prompts

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default 8)")
     q.add_argument("--sample-prompts", type=Path, help="prompts for training sample grids, one per line "
                                                        "(default: the first four captions)")
+    q.add_argument("--negative-prompt", metavar="TEXT", help="also cache this prompt's embeddings "
+                                                          "(negative.safetensors), for objectives that guide with it")
     q.add_argument("--skip-bad", action="store_true", help="skip unreadable images and images without a caption "
                                                            "(counted and listed in cache.json) instead of stopping")
     q.add_argument("--seed", type=int, default=0, help="the VAE posterior sample of example i uses seed + i")
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # prepare ------------------------------------------------------------------------------------------
 
-CACHE_FILES = ("cache.json", "empty.safetensors", "prompts.safetensors")
+CACHE_FILES = ("cache.json", "empty.safetensors", "prompts.safetensors", "negative.safetensors")
 
 
 def _cache_folder(out: Path, overwrite: bool) -> None:
@@ -126,7 +128,8 @@ def prepare(args) -> int:
     with tqdm(total=len(examples), unit="img", desc="prepare", disable=None) as bar:
         record = prepare_cache(args.out, examples, spec, vae, text, shard_size=args.shard_size,
                                batch_size=args.batch_size, skip_bad=args.skip_bad, skipped=problems,
-                               sample_prompts=prompts, progress=lambda n: bar.update(n - bar.n))
+                               sample_prompts=prompts, negative_prompt=args.negative_prompt,
+                               progress=lambda n: bar.update(n - bar.n))
     skipped = f", skipped {len(record['skipped'])} (listed in cache.json)" if record["skipped"] else ""
     print(f"cached {sum(record['rows'])} examples in {len(record['shards'])} shards at {args.out}{skipped}")
     return 0

@@ -116,8 +116,10 @@ def resumed_config(cls: type[TrainConfig], saved: dict[str, Any], flags: dict[st
     """The saved run's configuration with the few changes a resume may make (RESUMABLE_CHANGES)."""
     base = make_config(cls, {k: v for k, v in saved.items() if k != "command"}, where=f" in {out / 'config.json'}")
     known = {f.name: f for f in fields(cls)}
-    changed = [k for k, v in flags.items() if k not in RESUMABLE_CHANGES and _coerce(known[k], v, "") != getattr(base, k)]
+    changed = [k for k, v in flags.items()
+               if k not in RESUMABLE_CHANGES and _coerce(known[k], v, "") != getattr(base, k)]
     if changed:
         raise ValueError(f"--resume continues the run saved in {out}: it cannot change {', '.join(changed)} "
                          f"(only {', '.join(RESUMABLE_CHANGES)}); start a new run or use --overwrite")
-    return make_config(cls, {k: getattr(base, k) for k in known}, {k: v for k, v in flags.items() if k in RESUMABLE_CHANGES})
+    allowed = {k: v for k, v in flags.items() if k in RESUMABLE_CHANGES}
+    return make_config(cls, {k: getattr(base, k) for k in known}, allowed)

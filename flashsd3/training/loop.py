@@ -62,6 +62,8 @@ class Task(Protocol):
     def save_final(self, out: Path) -> None:
         """Write the trained weights in their published layout (rank 0 only)."""
 
+    # Optional: param_groups(named) -> AdamW parameter groups; ddp_kwargs: dict for DistributedDataParallel.
+
 
 # Ranks ------------------------------------------------------------------------------------------
 
@@ -289,7 +291,10 @@ def _run(cfg: TrainConfig, build_task, ranks: Ranks, resume: bool, overwrite: bo
     if ranks.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        module = DDP(task.module, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+        # a task whose steps leave some trained parameters unused (e.g. alternating updates) sets
+        # ddp_kwargs = {"find_unused_parameters": True}
+        module = DDP(task.module, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
+                     **getattr(task, "ddp_kwargs", {}))
     if ranks.main:
         n = sum(p.numel() for p in named.values())
         print(f"training {n:,} parameters in {len(named)} tensors, from step {step} to {cfg.steps}"

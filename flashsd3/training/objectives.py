@@ -70,7 +70,8 @@ def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, cond: Sequence[torch
 
 
 def drop_conditioning(cond: Sequence[torch.Tensor], empty: Sequence[torch.Tensor], p: float,
-                      generator: torch.Generator | None = None, *, u: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                      generator: torch.Generator | None = None, *,
+                      u: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Replace each sample's conditioning by the empty prompt's with probability p (caption dropout, which
     teaches the unconditional velocity that classifier-free guidance needs). empty: tensors of batch 1 or B.
 
