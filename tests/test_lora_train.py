@@ -460,9 +460,9 @@ def test_save_refusals(tmp_path):
 
 # One training step at SD3-medium size ---------------------------------------------------------------------
 
-def one_sd3_medium_step(dtype=torch.bfloat16) -> dict:
+def one_sd3_medium_step(dtype=torch.bfloat16, checkpointing=True) -> dict:
     """One flash-sd3 LoRA step (AdamW) on a random SD3-medium MMDiT at 256x256 (latent 32x32, 154 text
-    tokens as the Flash recipe), per-block checkpointing on; times and peak RSS of this process."""
+    tokens as the Flash recipe), per-block checkpointing on; times, RSS before the step and peak RSS."""
     import resource
     import time
 
@@ -470,8 +470,11 @@ def one_sd3_medium_step(dtype=torch.bfloat16) -> dict:
 
     from flashsd3.mmdit.embeddings import sincos_2d_table
 
-    def rss_gib():
+    def rss_gib():  # peak so far
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+    def current_rss_gib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -482,9 +485,8 @@ def one_sd3_medium_step(dtype=torch.bfloat16) -> dict:
         for p in model.parameters():
             p.normal_(0, 0.02)
         model.pos_embed.copy_(sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)[None])
-    base_rss = rss_gib()
     add_lora(model, rank=64, alpha=8)
-    model.activation_checkpointing = True
+    model.activation_checkpointing = checkpointing
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     x0, noise = torch.randn(1, 16, 32, 32), torch.randn(1, 16, 32, 32)
@@ -492,6 +494,7 @@ def one_sd3_medium_step(dtype=torch.bfloat16) -> dict:
     sigma = torch.tensor([0.7])
     x = sigma * noise + (1 - sigma) * x0  # forward process, velocity target noise - x0
     probe = model.joint_blocks[3].x_block.mlp.fc1.weight.clone()
+    before = current_rss_gib()  # weights, adapters, inputs
     t0 = time.perf_counter()
     velocity = model(x.to(dtype), 1000 * sigma.to(dtype), context.to(dtype), torch.randn(1, 2048).to(dtype))
     t1 = time.perf_counter()
@@ -500,8 +503,9 @@ def one_sd3_medium_step(dtype=torch.bfloat16) -> dict:
     t2 = time.perf_counter()
     opt.step()
     t3 = time.perf_counter()
-    return dict(dtype=str(dtype), loss=loss.item(), forward_s=t1 - t0, backward_s=t2 - t1, step_s=t3 - t2,
-                base_rss_gib=base_rss, peak_rss_gib=rss_gib(), lora_params=sum(p.numel() for p in params),
+    return dict(dtype=str(dtype), checkpointing=checkpointing, loss=loss.item(), forward_s=t1 - t0,
+                backward_s=t2 - t1, step_s=t3 - t2,
+                rss_before_step_gib=before, peak_rss_gib=rss_gib(), lora_params=sum(p.numel() for p in params),
                 grads_finite=all(bool(p.grad.isfinite().all()) for p in params),
                 b_moved=sum(int(p.any()) for n, p in named_lora_parameters(model) if n.endswith(".B")),
                 base_unchanged=bool(torch.equal(probe, model.joint_blocks[3].x_block.mlp.fc1.weight)))
