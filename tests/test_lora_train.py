@@ -6,11 +6,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashsd3 import MMDiT, SD3_MEDIUM, TINY
-from flashsd3.lora import (LoRAError, add_lora, load_lora, load_lora_state_dict, lora_disabled, lora_info,
-                           lora_parameters, lora_scaled, lora_state_dict, make_trainable, merge_lora,
-                           named_lora_parameters, save_lora, set_lora_scale)
-from flashsd3.lora.train import FLASH_SD3_TARGETS, select_targets
+from flashsd3 import SD3_MEDIUM, TINY, MMDiT
+from flashsd3.lora import (
+    LoRAError,
+    add_lora,
+    load_lora,
+    load_lora_state_dict,
+    lora_disabled,
+    lora_info,
+    lora_parameters,
+    lora_scaled,
+    lora_state_dict,
+    make_trainable,
+    merge_lora,
+    named_lora_parameters,
+    save_lora,
+    set_lora_scale,
+)
+from flashsd3.lora.train import FLASH_SD3_TARGETS, our_rows, select_targets
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 pytest.importorskip("peft", reason="peft is the parity reference (test extra)")
@@ -44,9 +57,9 @@ def twins(targets="flash-sd3", peft_targets=FLASH_SD3_TARGETS, seed=0):
             for p in (m.lora_A["default"].weight, m.lora_B["default"].weight):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
         for path, (A, B) in peft_ab(model).items():
-            update, rows = our_update(ours, path)
+            update, target = our_update(ours, path)
             update.A.copy_(A)
-            update.B.copy_(swap(B) if rows.swap else B)
+            update.B.copy_(our_rows(target, B))
     return model, ours
 
 
@@ -56,10 +69,6 @@ def lora_modules(model) -> dict:
 
 def peft_ab(model) -> dict:
     return {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in lora_modules(model).items()}
-
-
-def swap(B):  # (scale, shift) rows <-> (shift, scale): reference README F3
-    return torch.cat(B.chunk(2)[::-1])
 
 
 def our_update(ours, path: str):
@@ -105,7 +114,7 @@ def test_gradients_equal_peft(targets, peft_targets):
     for path, (A, B) in peft_ab(model).items():
         update, target = our_update(ours, path)
         assert grad_close(update.A.grad, A.grad), path
-        assert grad_close(swap(update.B.grad) if target.swap else update.B.grad, B.grad), path
+        assert grad_close(our_rows(target, update.B.grad), B.grad), path
     assert all(p.grad is None for n, p in ours.named_parameters() if ".lora." not in n)
 
 
@@ -239,7 +248,7 @@ def test_teacher_call_inside_the_training_step():
         grads = [p.grad.clone() for p in lora_parameters(ours)]
         ours.zero_grad()
         (ours(*inputs) - teacher).square().sum().backward()
-        assert all(torch.equal(a, p.grad) for a, p in zip(grads, lora_parameters(ours)))
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, lora_parameters(ours), strict=True))
 
 
 # Activation checkpointing ------------------------------------------------------------------------------
@@ -256,7 +265,7 @@ def test_checkpointing_gives_the_same_outputs_and_gradients():
         results.append((out.detach(), [p.grad.clone() for p in lora_parameters(ours)]))
     (out0, g0), (out1, g1) = results
     assert torch.equal(out0, out1)  # same kernels, same order: bitwise
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
 
 
 def test_checkpointing_recomputes_under_the_forward_scales():
@@ -271,7 +280,7 @@ def test_checkpointing_recomputes_under_the_forward_scales():
             out = ours(*inputs)
         loss_of(out).backward()
         grads.append([p.grad.clone() for p in lora_parameters(ours)])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     assert lora_info(ours)["default"].scale == 1.0
 
 
@@ -447,3 +456,76 @@ def test_save_refusals(tmp_path):
     with pytest.raises(LoRAError, match="no adapter"):
         save_lora(ours, tmp_path, name="nope")
     assert list(tmp_path.iterdir()) == []
+
+
+# One training step at SD3-medium size ---------------------------------------------------------------------
+
+def one_sd3_medium_step(dtype=torch.bfloat16, checkpointing=True) -> dict:
+    """One flash-sd3 LoRA step (AdamW) on a random SD3-medium MMDiT at 256x256 (latent 32x32, 154 text
+    tokens as the Flash recipe), per-block checkpointing on; times, RSS before the step and peak RSS."""
+    import resource
+    import time
+
+    import torch.nn.functional as F
+
+    from flashsd3.mmdit.embeddings import sincos_2d_table
+
+    def rss_gib():  # peak so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+    def current_rss_gib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = MMDiT(SD3_MEDIUM)
+    model = model.to(dtype).to_empty(device="cpu")
+    c = SD3_MEDIUM
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        model.pos_embed.copy_(sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)[None])
+    add_lora(model, rank=64, alpha=8)
+    model.activation_checkpointing = checkpointing
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x0, noise = torch.randn(1, 16, 32, 32), torch.randn(1, 16, 32, 32)
+    context = torch.cat([torch.randn(1, 77, 4096), torch.zeros(1, 77, 4096)], dim=1)  # CLIP + zero T5 slot
+    sigma = torch.tensor([0.7])
+    x = sigma * noise + (1 - sigma) * x0  # forward process, velocity target noise - x0
+    probe = model.joint_blocks[3].x_block.mlp.fc1.weight.clone()
+    before = current_rss_gib()  # weights, adapters, inputs
+    t0 = time.perf_counter()
+    velocity = model(x.to(dtype), 1000 * sigma.to(dtype), context.to(dtype), torch.randn(1, 2048).to(dtype))
+    t1 = time.perf_counter()
+    loss = F.mse_loss(velocity.float(), noise - x0)
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    t3 = time.perf_counter()
+    return dict(dtype=str(dtype), checkpointing=checkpointing, loss=loss.item(), forward_s=t1 - t0,
+                backward_s=t2 - t1, step_s=t3 - t2,
+                rss_before_step_gib=before, peak_rss_gib=rss_gib(), lora_params=sum(p.numel() for p in params),
+                grads_finite=all(bool(p.grad.isfinite().all()) for p in params),
+                b_moved=sum(int(p.any()) for n, p in named_lora_parameters(model) if n.endswith(".B")),
+                base_unchanged=bool(torch.equal(probe, model.joint_blocks[3].x_block.mlp.fc1.weight)))
+
+
+@pytest.mark.slow
+def test_one_lora_step_at_sd3_medium_size_on_cpu():
+    """Run in a fresh process so that its peak RSS is the step's own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_lora_train import one_sd3_medium_step; "
+            "print('RESULT', json.dumps(one_sd3_medium_step()))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.split("RESULT", 1)[1])
+    print(result)
+    assert result["lora_params"] == 87_646_208 and result["grads_finite"] and result["base_unchanged"]
+    assert result["b_moved"] == 222 and math.isfinite(result["loss"])  # every B left zero after one AdamW step
+    weights_gib = 2_084_951_104 * 2 / 2**30  # bf16 SD3-medium (README F1)
+    assert result["peak_rss_gib"] < weights_gib + 6  # adapters + AdamW state ~1.4 GiB, checkpointed activations

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from .formats import METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoRAError, peft_selects
 from .keys import diffusers_targets
-from .train import FLASH_SD3_TARGETS, adapter_layers
+from .train import FLASH_SD3_TARGETS, adapter_layers, our_rows
 
 OUT_FORMATS = ("peft", "diffusers", "kohya")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers loaders/lora_base.py LORA_WEIGHT_NAME_SAFE
@@ -130,9 +130,7 @@ def diffusers_modules(model: nn.Module, name: str) -> list[Module]:
                                 f"diffusers layer(s) ({[(d, t.start, t.stop) for d, t in by_layer[module]]}); "
                                 "save it in the kohya layout")
             for dname, t in parts:
-                B = update.B[t.start - update.start : t.stop - update.start]
-                if t.swap:  # ours (shift, scale) -> diffusers (scale, shift); reference README F3
-                    B = torch.cat(B.chunk(2, dim=0)[::-1], dim=0)
+                B = our_rows(t, update.B[t.start - update.start : t.stop - update.start])  # back to file rows
                 modules.append(Module(dname, update.A, B, update.scale))
     names = Counter(m.name for m in modules)
     if twice := sorted(n for n, c in names.items() if c > 1):

@@ -41,6 +41,10 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: str | Sequen
     three adapters), or module names in our naming ("joint_blocks.0.x_block.attn.qkv") or diffusers'
     ("transformer_blocks.0.attn.to_q"); as in peft, a name also selects every module whose name ends
     in "." + name ("attn.qkv" = all blocks' qkv). Returns the adapter's name.
+
+    Call it after loading the base weights: A and B join the model's state dict (`<layer>.lora.<name>.<i>.A`),
+    so a base checkpoint no longer loads strictly into the adapted model; `lora_state_dict` / `save_lora`
+    hold the adapter alone. `generator` seeds A (DDP ranks start equal anyway: DDP broadcasts rank 0's).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LoRAError(f"add_lora: rank must be a positive int, got {rank!r}")
@@ -113,6 +117,12 @@ def _new_update(layer: nn.Module, target: Target, rank: int, scale: float, dtype
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
     B = torch.zeros(b_shape, device=device, dtype=dtype)  # rows in our order (for swapped targets too)
     return LoRAUpdate(nn.Parameter(A), nn.Parameter(B), target.start, target.stop, scale)
+
+
+def our_rows(target: Target, B: torch.Tensor) -> torch.Tensor:
+    """A file layer's LoRA B with its rows in our order: (scale, shift) -> (shift, scale) where the key table
+    swaps halves (reference README F3). Its own inverse, so save.py also uses it for ours -> file."""
+    return torch.cat(B.chunk(2, dim=0)[::-1], dim=0) if target.swap else B
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -188,9 +198,7 @@ def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | Non
     for piece in plan_lora(model, src):
         weight = model.get_submodule(piece.target.module).weight
         kw = dict(dtype=dtype, device=weight.device if device is None else device)
-        A, B = src.reader.get(piece.a_key).to(**kw), src.reader.get(piece.b_key).to(**kw)
-        if piece.target.swap:  # (scale, shift) rows -> (shift, scale); reference README F3
-            B = torch.cat(B.chunk(2, dim=0)[::-1], dim=0)
+        A, B = src.reader.get(piece.a_key).to(**kw), our_rows(piece.target, src.reader.get(piece.b_key).to(**kw))
         update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
         by_layer.setdefault(piece.target.module, []).append(update)
     for module, updates in by_layer.items():

@@ -147,12 +147,12 @@ def _same_lora_scales(block: nn.Module):
     @contextmanager
     def recompute():
         now = [dict(m.lora_scale) for m in layers]
-        for m, s in zip(layers, scales):
+        for m, s in zip(layers, scales, strict=True):
             m.lora_scale.update(s)
         try:
             yield
         finally:
-            for m, s in zip(layers, now):
+            for m, s in zip(layers, now, strict=True):
                 m.lora_scale.clear()
                 m.lora_scale.update(s)
 
