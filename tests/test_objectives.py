@@ -76,7 +76,7 @@ def test_drop_conditioning():
     g = torch.Generator().manual_seed(0)
     cond = (torch.ones(8, 3, 2), torch.ones(8, 4))
     empty = (torch.zeros(1, 3, 2), torch.zeros(1, 4))
-    assert all(torch.equal(a, b) for a, b in zip(drop_conditioning(cond, empty, 0.0, g), cond))
+    assert all(torch.equal(a, b) for a, b in zip(drop_conditioning(cond, empty, 0.0, g), cond, strict=True))
     dropped = drop_conditioning(cond, empty, 1.0, g)
     assert all(d.abs().sum() == 0 for d in dropped)
     half = drop_conditioning(cond, empty, 0.5, torch.Generator().manual_seed(3))

@@ -315,7 +315,7 @@ def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
             logs = _step(run, step)
             step += 1
             *values, stop = all_sum(ranks, [*logs.values(), float(flag["stop"])])  # every rank stops together
-            logs = {k: v / ranks.world for k, v in zip(logs, values)}
+            logs = {k: v / ranks.world for k, v in zip(logs, values, strict=True)}
             if ranks.main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")

@@ -88,7 +88,7 @@ def drop_conditioning(cond: Sequence[torch.Tensor], empty: Sequence[torch.Tensor
         raise ValueError(f"u must have shape ({B},), one draw per sample, got {tuple(u.shape)}")
     drop = (u < p).to(cond[0].device)
     out = []
-    for c, e in zip(cond, empty):
+    for c, e in zip(cond, empty, strict=True):
         mask = drop.view(-1, *([1] * (c.ndim - 1)))
         out.append(torch.where(mask, e.to(c.device, c.dtype).expand_as(c), c))
     return tuple(out)
