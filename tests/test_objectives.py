@@ -7,13 +7,20 @@ import torch
 from flashsd3.config import TINY
 from flashsd3.mmdit import MMDiT
 from flashsd3.sampling import forward_process, shift_sigmas
-from flashsd3.training.objectives import (discrete_sigmas, drop_conditioning, flow_matching_loss, logit_normal_sigmas,
-                                          training_sigma_table, uniform_sigmas)
+from flashsd3.training.objectives import (
+    discrete_sigmas,
+    drop_conditioning,
+    flow_matching_loss,
+    logit_normal_sigmas,
+    training_sigma_table,
+    uniform_sigmas,
+)
 
 
 def test_forward_process_per_sample_and_scalar():
     g = torch.Generator().manual_seed(0)
-    x0, e = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    e = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
     s = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     x = forward_process(x0, e, s)
     assert torch.equal(x[0], x0[0]) and torch.equal(x[2], e[2])  # sigma 0 = data, 1 = noise, exactly
@@ -61,14 +68,15 @@ def test_init_weights_starts_every_block_as_identity():
     for block in model.joint_blocks:
         out_ctx, out_x = block(ctx, x, vec)
         assert torch.equal(out_x, x) and (out_ctx is None or torch.equal(out_ctx, ctx))
-    assert model(torch.randn(1, 4, 8, 8), torch.tensor([300.0]), torch.randn(1, 5, 32), torch.randn(1, 24)).abs().max() == 0
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+    assert model(x, t, torch.randn(1, 5, 32), torch.randn(1, 24)).abs().max() == 0
 
 
 def test_drop_conditioning():
     g = torch.Generator().manual_seed(0)
     cond = (torch.ones(8, 3, 2), torch.ones(8, 4))
     empty = (torch.zeros(1, 3, 2), torch.zeros(1, 4))
-    assert all(torch.equal(a, b) for a, b in zip(drop_conditioning(cond, empty, 0.0, g), cond))
+    assert all(torch.equal(a, b) for a, b in zip(drop_conditioning(cond, empty, 0.0, g), cond, strict=True))
     dropped = drop_conditioning(cond, empty, 1.0, g)
     assert all(d.abs().sum() == 0 for d in dropped)
     half = drop_conditioning(cond, empty, 0.5, torch.Generator().manual_seed(3))
@@ -76,3 +84,27 @@ def test_drop_conditioning():
     assert torch.equal(half[0].sum((1, 2)) == 0, rows == 0)  # the same samples dropped in every tensor
     with pytest.raises(ValueError, match="dropout"):
         drop_conditioning(cond, empty, 1.5)
+
+
+def test_teacher_partial_solve_from_sigma_k():
+    """A distillation teacher's solve: from x at sigma_k of a K-step grid down to 0, with CFG, in exactly K - k
+    model calls at the grid's timesteps (check_sigmas accepts a schedule that does not start at 1)."""
+    from flashsd3.sampling import cfg_denoiser, flow_match_sigmas, sample_euler
+
+    K, k, w = 8, 3, 4.0
+    sigmas = flow_match_sigmas(K, 3.0)
+    g = torch.Generator().manual_seed(0)
+    x0, x1, noise = (torch.randn(2, 4, 6, 6, generator=g) for _ in range(3))
+    calls = []
+
+    def model(x, t, target):
+        # the exact flow towards one point `target`: v = (x - target) / sigma, so Euler is exact at any step
+        calls.append(t.clone())
+        return (x - target) / (t / 1000).view(-1, 1, 1, 1)
+
+    x_k = forward_process(x0, noise, sigmas[k])
+    out = sample_euler(cfg_denoiser(model, (x0,), (x1,), w), x_k, sigmas[k:])
+    assert len(calls) == K - k  # one batched [uncond, cond] call per step
+    torch.testing.assert_close(torch.stack([c[0] for c in calls]), sigmas[k:-1] * 1000, rtol=0, atol=0)
+    # CFG of two such flows is the flow towards x1 + w (x0 - x1); fp32 Euler updates: a few ulp per step
+    torch.testing.assert_close(out, x1 + w * (x0 - x1), rtol=1e-5, atol=1e-5)
