@@ -162,8 +162,8 @@ def test_inpaint_keeps_the_unmasked_region(twins, images):
     # pixels: every output pixel depends on every latent (the VAE decoder's mid-block attention is global), so
     # the kept region differs from the image's own VAE round trip by the repainted latents' reach
     round_trip = pipe.decode(edit.latents)
-    original = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]) / 255
-    repaint = torch.from_numpy(np.asarray(mask) > 127)
+    original = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]) / 255
+    repaint = torch.from_numpy(np.array(mask) > 127)
     far = torch.ones(H, W, dtype=torch.bool)
     top, left, bottom, right = BOX
     far[max(top - 8, 0):bottom + 8, max(left - 8, 0):right + 8] = False  # >= 8 px (2 latent pixels) away
