@@ -44,7 +44,7 @@ class Recipe:
     def cfg(self) -> bool:
         return self.guidance > 1
 
-    def replace(self, **changes) -> "Recipe":
+    def replace(self, **changes) -> Recipe:
         """A copy with the given fields changed; fields given as None keep the recipe's value."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -61,7 +61,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (FLASH_SD3, SD3, SD35_MEDIUM, S
                                                   SD35_LARGE_TURBO)}
 
 
-def get_recipe(recipe: "Recipe | str") -> Recipe:
+def get_recipe(recipe: Recipe | str) -> Recipe:
     """A Recipe as given, or the preset of that name."""
     if isinstance(recipe, Recipe):
         return recipe

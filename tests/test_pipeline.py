@@ -103,7 +103,8 @@ def test_flash_matches_diffusers_float32(twins, steps):
     lat = initial_latents(2, H, W, torch.float32, seed=steps)
     kw = dict(height=H, width=W, latents=lat)
     ref = run_diffusers(tw.ref, PROMPTS, seed=7, num_inference_steps=steps, guidance_scale=0, **kw)
-    # the stochastic diffusers scheduler runs the published Flash table (tests/fixtures, README F4)
+    # the stochastic diffusers scheduler runs the published Flash table (tests/fixtures; initml/diffusers fork
+    # FlashFlowMatchEulerDiscreteScheduler.set_timesteps)
     assert torch.equal(tw.ref.scheduler.sigmas, flash_sigmas(steps, 3.0))
     ours = run_ours(tw.ours, PROMPTS, seed=7, num_steps=steps, guidance=0, sampler="flash", **kw)
     img_err, lat_err = compare(ours, ref)

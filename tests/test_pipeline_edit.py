@@ -20,10 +20,16 @@ import torch
 from flashsd3.pipeline import PerImageNoise
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
-from helpers_pipeline import (box_mask, diffusers_edit_pipeline, make_twins, max_abs, random_image,  # noqa: E402
-                              rel_err)
+from helpers_pipeline import (
+    box_mask,
+    diffusers_edit_pipeline,
+    make_twins,
+    max_abs,
+    random_image,
+    rel_err,
+)
 
-from flashsd3 import TINY  # noqa: E402
+from flashsd3 import TINY
 
 TINY16 = dataclasses.replace(TINY, in_channels=16, out_channels=16)  # diffusers' inpainting needs 16 channels
 
@@ -101,7 +107,7 @@ def test_img2img_matches_diffusers(twins, images, stochastic, guidance, strength
     out, steps = run_ours(tw.ours.img2img, images, strength=strength, num_steps=4, guidance=guidance,
                           negative_prompt=NEGATIVE if guidance > 1 else None, sampler=sampler, output_type="pt",
                           steps_run=len(ref_steps))
-    lat_err = max(rel_err(a, b) for a, b in zip(steps, ref_steps))
+    lat_err = max(rel_err(a, b) for a, b in zip(steps, ref_steps, strict=True))
     img_err = max_abs(out.images, ref_img)
     # measured: latents 4.6e-7 / 1.4e-7 (flash, strength 0.6 / 1) and 1.4e-6 (CFG 7) relative, images <= 2.0e-6
     assert lat_err < tol and img_err < 1e-5, (lat_err, img_err)
@@ -113,7 +119,7 @@ def test_img2img_start_index_as_diffusers(twins, images):
     for strength, n_run in ((1.0, 4), (0.75, 3), (0.6, 3), (0.5, 2), (0.26, 2), (0.25, 1), (0.01, 1)):
         calls = []
         pipe.img2img(PROMPTS[0], images[0], strength=strength, num_steps=4, seed=0, output_type="latent",
-                     callback=lambda i, x: calls.append(i))
+                     callback=lambda i, x, calls=calls: calls.append(i))
         assert len(calls) == n_run, (strength, len(calls))
 
 
@@ -137,11 +143,12 @@ def test_inpaint_matches_diffusers(twins, images, stochastic, guidance, strength
     # latents as its txt2img pipeline does, to compare images
     vae = tw.ref.vae
     with torch.no_grad():
-        ref_img = (vae.decode(ref_lat / vae.config.scaling_factor + vae.config.shift_factor).sample / 2 + 0.5).clamp(0, 1)
+        z = ref_lat / vae.config.scaling_factor + vae.config.shift_factor
+        ref_img = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     out, steps = run_ours(tw.ours.inpaint, images, mask, strength=strength, num_steps=4, guidance=guidance,
-                          negative_prompt=NEGATIVE if guidance > 1 else None, sampler="flash" if stochastic else "euler",
-                          output_type="pt", steps_run=len(ref_steps))
-    lat_err = max(rel_err(a, b) for a, b in zip(steps, ref_steps))  # callbacks see the blended latents
+                          negative_prompt=NEGATIVE if guidance > 1 else None,
+                          sampler="flash" if stochastic else "euler", output_type="pt", steps_run=len(ref_steps))
+    lat_err = max(rel_err(a, b) for a, b in zip(steps, ref_steps, strict=True))  # callbacks see the blended latents
     img_err = max_abs(out.images, ref_img)
     # measured: latents 1.5e-6 relative in all three (the final step: the kept region is the clean image
     # latents, at the encoder's floor), images <= 2.3e-6

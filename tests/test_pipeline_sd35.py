@@ -13,14 +13,20 @@ import torch
 from flashsd3.sampling import flow_match_sigmas, sample_dpmpp_2m
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
-from helpers_pipeline import initial_latents, make_sd35_twins, make_twins, max_abs, rel_err  # noqa: E402
+from helpers_pipeline import (
+    initial_latents,
+    make_sd35_twins,
+    make_twins,
+    max_abs,
+    rel_err,
+)
 
 PROMPTS = ["a photo of a cat", "the dog on mars"]
 NEGATIVE = ["blurry", "a cat"]
 H, W = 64, 96
 # 5 steps with start 0.1 / stop 0.6: SLG on steps i with 0.5 < i < 3, i.e. 1 and 2 (diffusers' rule);
 # the published 0.01 / 0.2 window needs 10+ steps to include any step
-SLG = dict(skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.6)
+SLG = {"skip_layer_guidance_start": 0.1, "skip_layer_guidance_stop": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def run_both(tw, *, steps: int, guidance: float, ours_kw=None, ref_kw=None, seed
 
 
 def errors(ours_steps, ref_steps, ours, ref):
-    return max(rel_err(a, b) for a, b in zip(ours_steps, ref_steps)), max_abs(ours, ref)
+    return max(rel_err(a, b) for a, b in zip(ours_steps, ref_steps, strict=True)), max_abs(ours, ref)
 
 
 def test_skip_layer_guidance_matches_diffusers(sd3):
@@ -74,7 +80,7 @@ def test_sd35_shaped_model_matches_diffusers_with_cfg_and_slg(sd35):
 
 def test_sd35_shaped_model_matches_diffusers_turbo_settings(sd35):
     """sd3.5-large-turbo's settings: 4 Euler steps, CFG 1 (off)."""
-    ours_steps, ref_steps, ours, ref = run_both(sd35, steps=4, guidance=1.0, ours_kw=dict(recipe="sd3.5-large-turbo"))
+    ours_steps, ref_steps, ours, ref = run_both(sd35, steps=4, guidance=1.0, ours_kw={"recipe": "sd3.5-large-turbo"})
     lat_err, img_err = errors(ours_steps, ref_steps, ours, ref)
     assert lat_err < 1e-6 and img_err < 1e-5, (lat_err, img_err)  # measured: 1.3e-7, 2.9e-6
 

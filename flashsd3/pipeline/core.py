@@ -10,9 +10,9 @@ randomness per call (`noise.py`). No argparse, no files: flashsd3/cli.py owns th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -20,8 +20,8 @@ from ..config import DEMO, DEMO_VAE
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
 from ..recipes import FLASH_SD3, Recipe, get_recipe, override, recipe_for
-from ..sampling import (InpaintConstraint, cfg_denoiser, check_sigmas, forward_process, get_sampler, noise_to,
-                        skip_layer_denoiser)
+from ..sampling import InpaintConstraint, cfg_denoiser, check_sigmas, forward_process, get_sampler, noise_to
+from ..sampling import skip_layer_denoiser
 from ..text_encoders import TextEncoders
 from ..vae import VAE, load_vae
 from .checks import check_count, check_finite, check_number, check_output_type, check_prompts, check_skip_layers
@@ -51,7 +51,8 @@ class Edit:
 
 
 class FlashSD3Pipeline:
-    """SD3 / SD3.5 (+ Flash LoRA): `pipe(prompt)`, `pipe.img2img(prompt, image)`, `pipe.inpaint(prompt, image, mask)`."""
+    """SD3 / SD3.5 (+ Flash LoRA): `pipe(prompt)`, `pipe.img2img(prompt, image)`, `pipe.inpaint(prompt, image,
+    mask)`."""
 
     def __init__(self, transformer: MMDiT, vae: VAE, text_encoders: TextEncoders | None, *,
                  recipe: Recipe | str | None = None, shift: float | None = None, offload_text_encoders: bool = False):
@@ -83,7 +84,7 @@ class FlashSD3Pipeline:
     def from_pretrained(cls, model: str | Path, *, lora: Sequence[tuple[str, float]] | None = None,
                         t5: bool = False, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
                         merge: bool = True, discard_lora: bool = False, tokenizers: str | Path | None = None,
-                        recipe: Recipe | str | None = None) -> "FlashSD3Pipeline":
+                        recipe: Recipe | str | None = None) -> FlashSD3Pipeline:
         """Load from a diffusers folder, a Stability single file, or a hub repo id.
 
         lora: (source, scale) pairs; default the Flash SD3 adapter at scale 1; [] for the base model.
@@ -120,7 +121,8 @@ class FlashSD3Pipeline:
         return pipe
 
     @classmethod
-    def demo(cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "FlashSD3Pipeline":
+    def demo(cls, seed: int = 0, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> FlashSD3Pipeline:
         """The whole pipeline at toy width with random weights (config DEMO): runs anywhere in seconds,
         needs no download, and makes noise-like images by design."""
         from ..demo import demo_text_encoders
@@ -228,9 +230,11 @@ class FlashSD3Pipeline:
         uncond is None without CFG."""
         per_prompt = check_count(per_prompt, "num_images_per_prompt")
         if (negative_prompt is not None or negative_embeds is not None) and not rec.cfg:
-            warnings.warn(f"negative prompt is ignored without guidance > 1 (guidance={rec.guidance})", stacklevel=3)
+            warnings.warn(f"negative prompt is ignored without guidance > 1 (guidance={rec.guidance})",
+                          stacklevel=3)
         if rec.slg is not None and not rec.cfg:
-            warnings.warn(f"skip-layer guidance is ignored without guidance > 1 (guidance={rec.guidance})", stacklevel=3)
+            warnings.warn(f"skip-layer guidance is ignored without guidance > 1 (guidance={rec.guidance})",
+                          stacklevel=3)
         cond = self._embed(check_prompts(prompt), embeds, per_prompt, "prompt")
         if not rec.cfg:
             return cond, None
@@ -324,8 +328,7 @@ class FlashSD3Pipeline:
         if noise is None and sampler.stochastic:  # drawn up front: no host work inside the loop
             noise = [noise_to(rng.draw(x.shape), x.device) for _ in range(len(sched) - 2)]
         if inpaint is not None and callback is not None:
-            user_callback = callback
-            callback = lambda i, x: user_callback(i, inpaint.finish(i, x))  # noqa: E731
+            callback = _blended(callback, inpaint)
         x = sampler.run(denoise, x, sched, noise, callback)
         return x if inpaint is None else inpaint.finish(len(sched) - 2, x)
 
@@ -358,6 +361,11 @@ class FlashSD3Pipeline:
         if self.loras:
             return "LoRA merged and discarded at load: " + ", ".join(f"{s} at scale {k:g}" for s, k in self.loras)
         return "no LoRA"
+
+
+def _blended(callback, inpaint: InpaintConstraint):
+    """Callbacks see the latents as diffusers' inpainting loop holds them: blended after every step."""
+    return lambda i, x: callback(i, inpaint.finish(i, x))
 
 
 def _repeat_to(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ but differ in the second-order correction, so they are different samplers with t
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

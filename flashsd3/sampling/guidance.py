@@ -9,8 +9,8 @@ step, as Stability's reference does (sd3_impls.py `SkipLayerCFGDenoiser.step`). 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -54,7 +54,7 @@ def skip_layer_denoiser(model_fn: Callable[..., torch.Tensor], cond: Sequence[to
     conditional half with `skip_blocks=slg.layers`: v + (v_cond - v_skip) * scale, in diffusers' order.
     model_fn(x, t, *cond, skip_blocks=...) -> velocity (MMDiT.forward)."""
     cond = tuple(cond)
-    both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+    both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond, strict=True))
     step = _Counter(num_steps, "skip-layer guidance")
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ tensor, see `sample_flash`); deterministic samplers ignore it, and callers need 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
