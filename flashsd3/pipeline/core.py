@@ -92,8 +92,8 @@ class FlashSD3Pipeline:
         discard_lora: after merging, free the adapters' A/B (no unmerge or rescale later).
         tokenizers: for single files, where `tokenizer/` and `tokenizer_2/` are (default: the copies
         shipped with flashsd3, identical to SD3's).
-        recipe: default sampling settings; by default `recipe_for` the loaded model (Flash SD3 when its
-        adapter is loaded).
+        recipe: default sampling settings; by default `recipe_for` the loaded model ("flash-sd3" for SD3
+        with adapters, "sd3" without, "sd3.5-medium" / "sd3.5-large" by architecture).
         """
         from .. import hub
         from ..lora import load_lora, merge_lora
@@ -115,7 +115,9 @@ class FlashSD3Pipeline:
             load_lora(transformer, source, scale=scale)  # a folder, a file or a hub repo id
         if merge and loras:
             merge_lora(transformer, discard=discard_lora)
-        flash = any(str(source) == hub.FLASH_SD3_LORA_REPO for source, _ in loras)
+        # an adapter on SD3 (no qk-norm) is taken for Flash SD3's, this package's purpose and the CLI's rule:
+        # pass recipe= for other adapters
+        flash = bool(loras) and transformer.config.qk_norm is None
         pipe = cls(transformer, vae, text, recipe=recipe or recipe_for(transformer.config, flash=flash))
         pipe.loras = [(str(source), float(scale)) for source, scale in loras]
         return pipe
@@ -175,17 +177,19 @@ class FlashSD3Pipeline:
         draws. `prompt_embeds` = (context, pooled) replaces the text encoders.
         """
         check_output_type(output_type)
-        rec = override(get_recipe(recipe if recipe is not None else self.recipe), steps=num_steps, guidance=guidance,
-                       sampler=sampler, skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=
-                       skip_layer_guidance_scale, skip_layer_guidance_start=skip_layer_guidance_start,
-                       skip_layer_guidance_stop=skip_layer_guidance_stop)
+        rec = self.settings(recipe, steps=num_steps, guidance=guidance, sampler=sampler,
+                            skip_guidance_layers=skip_guidance_layers,
+                            skip_layer_guidance_scale=skip_layer_guidance_scale,
+                            skip_layer_guidance_start=skip_layer_guidance_start,
+                            skip_layer_guidance_stop=skip_layer_guidance_stop)
+        batch = batch_size(prompt, prompt_embeds, num_images_per_prompt)
+        seeds = check_seed(seed, batch)
+        rng = random_source(seeds, generator)  # every random draw of this call
         cond, uncond = self.conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                          num_images_per_prompt, rec)
-        seeds = check_seed(seed, cond[0].shape[0])
-        rng = random_source(seeds, generator)
-        edit = self.prepare_edit(image, mask, strength, height, width, cond[0].shape[0], rng)
+        edit = self.prepare_edit(image, mask, strength, height, width, batch, rng)  # None for txt2img
         sched = self.schedule(rec, sigmas, edit)
-        x, start_noise = self.initial_latents(latents, cond[0].shape[0], height, width, rng, edit, sched[0])
+        x, start_noise = self.initial_latents(latents, batch, height, width, rng, edit, sched[0])
         inpaint = None if edit is None or edit.mask is None else \
             InpaintConstraint(edit.latents, start_noise, edit.mask, sched)
         denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint)
@@ -205,6 +209,14 @@ class FlashSD3Pipeline:
         return self(prompt, image=image, mask=mask, strength=strength, **kwargs)
 
     # Parts --------------------------------------------------------------------------------------
+
+    def settings(self, recipe: Recipe | str | None, **overrides) -> Recipe:
+        """The call's recipe: `recipe` (default the pipeline's) with `recipes.override` applied, checked
+        against this model (skip-layer indices within its depth)."""
+        rec = override(get_recipe(recipe if recipe is not None else self.recipe), **overrides)
+        if rec.slg is not None:
+            check_skip_layers(rec.slg.layers, self.transformer.config.depth)
+        return rec
 
     def check_size(self, height: int, width: int) -> None:
         f, table = self.image_factor, self.transformer.config.pos_embed_max_size
@@ -316,7 +328,6 @@ class FlashSD3Pipeline:
     def denoiser(self, cond, uncond, rec: Recipe, num_steps: int, inpaint: InpaintConstraint | None):
         """velocity model -> CFG -> skip-layer guidance -> inpainting constraint, each optional."""
         if rec.slg is not None and rec.cfg:
-            check_skip_layers(rec.slg.layers, self.transformer.config.depth)
             denoise = skip_layer_denoiser(self.transformer, cond, uncond, rec.guidance, rec.slg, num_steps)
         else:
             denoise = cfg_denoiser(self.transformer, cond, uncond, rec.guidance)
@@ -361,6 +372,13 @@ class FlashSD3Pipeline:
         if self.loras:
             return "LoRA merged and discarded at load: " + ", ".join(f"{s} at scale {k:g}" for s, k in self.loras)
         return "no LoRA"
+
+
+def batch_size(prompt, prompt_embeds, per_prompt) -> int:
+    """Images in the call (prompts x num_images_per_prompt), from the arguments alone (checked)."""
+    prompts = check_prompts(prompt)
+    n = len(prompts) if prompts is not None else prompt_embeds[0].shape[0] if prompt_embeds is not None else 1
+    return n * check_count(per_prompt, "num_images_per_prompt")
 
 
 def _blended(callback, inpaint: InpaintConstraint):
