@@ -47,7 +47,7 @@ def check_seed(seed, count: int) -> list[int] | None:
         if not 0 <= seed <= MAX_SEED - (count - 1):
             raise ValueError(f"seed must be an int in [0, 2**64 - {count}] for {count} image(s) (image k uses "
                              f"seed + k < 2**64), got {seed}")
-        return image_seeds(seed, count)
+        return image_seeds(int(seed), count)
     if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
         raise ValueError(f"seed must be an int or a list of ints, got {type(seed).__name__} {seed!r}")
     seeds = list(seed)
