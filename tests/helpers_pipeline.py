@@ -53,17 +53,20 @@ def random_diffusers_vae(cfg: VAEConfig, seed: int):
     return vae.eval()
 
 
-def make_twins(tmp_path: Path, dtype: torch.dtype, *, stochastic: bool, seed: int = 0) -> Twins:
-    """Both pipelines over the same random weights, in `dtype`."""
+def make_twins(tmp_path: Path, dtype: torch.dtype, *, stochastic: bool, seed: int = 0, cfg=TINY) -> Twins:
+    """Both pipelines over the same random weights, in `dtype`. cfg: the transformer (TINY; the VAE's
+    latent channels follow its in_channels)."""
+    from dataclasses import replace
+
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    transformer = random_diffusers_transformer(TINY, dtype=torch.float64, seed=seed)
+    transformer = random_diffusers_transformer(cfg, dtype=torch.float64, seed=seed)
     # std 0.3 -> 0.15: at 0.3 the 4-step chain amplifies fp32 rounding ~200x (latents rel. error 3e-5
     # vs 1.5e-7 measured), which would hide real differences under the tolerance
     with torch.no_grad():
         for p in transformer.parameters():
             p.mul_(0.5)
-    vae = random_diffusers_vae(TINY_VAE3, seed=seed + 1)
+    vae = random_diffusers_vae(replace(TINY_VAE3, latent_channels=cfg.in_channels), seed=seed + 1)
     vae.save_pretrained(tmp_path / "vae")  # float32 safetensors + config.json, as a real vae/ folder
     tok, enc, tok2, enc2 = tiny_clip_pair(seed=seed + 2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT, stochastic_sampling=stochastic)
@@ -73,9 +76,9 @@ def make_twins(tmp_path: Path, dtype: torch.dtype, *, stochastic: bool, seed: in
     )
     ref.set_progress_bar_config(disable=True)
     ours = FlashSD3Pipeline(
-        from_diffusers_state_dict(transformer.state_dict(), TINY).to(dtype),
+        from_diffusers_state_dict(transformer.state_dict(), cfg).to(dtype),
         load_vae(tmp_path / "vae", dtype=dtype),
-        TextEncoders(tok, enc, tok2, enc2, context_dim=TINY.context_dim),  # the very same CLIP objects
+        TextEncoders(tok, enc, tok2, enc2, context_dim=cfg.context_dim),  # the very same CLIP objects
         shift=SHIFT,
     )
     return Twins(ref, ours)
@@ -110,3 +113,67 @@ def run_ours(pipe, prompts, *, seed: int, **kw):
                callback=lambda i, x: steps.append(x.clone()), **kw)
     assert torch.equal(out.latents, steps[-1])
     return out.images, steps
+
+
+# Editing (img2img / inpainting) and SD3.5-shaped twins --------------------------------------------
+
+def random_image(seed: int, height: int, width: int):
+    """A PIL RGB image of smooth random colour (a blurred random field, so the VAE sees structure)."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    field = torch.rand(1, 3, height // 8, width // 8, generator=g, dtype=torch.float64)
+    field = torch.nn.functional.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)
+    return Image.fromarray((field[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def box_mask(height: int, width: int, box: tuple[int, int, int, int]):
+    """A grayscale PIL mask, white (repaint) inside box = (top, left, bottom, right), black elsewhere."""
+    from PIL import Image
+
+    m = torch.zeros(height, width, dtype=torch.uint8)
+    top, left, bottom, right = box
+    m[top:bottom, left:right] = 255
+    return Image.fromarray(m.numpy())  # 2-D uint8: mode "L"
+
+
+def diffusers_edit_pipeline(ref, kind: str):
+    """diffusers' img2img or inpainting SD3 pipeline over the very same components as `ref`."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+
+    cls = StableDiffusion3Img2ImgPipeline if kind == "img2img" else StableDiffusion3InpaintPipeline
+    pipe = cls(**{k: v for k, v in ref.components.items() if k in cls._get_signature_keys(cls)[0]})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sd35_twins(tmp_path: Path, dtype: torch.dtype, *, seed: int = 0) -> Twins:
+    """As make_twins, on an SD3.5-shaped tiny model: qk-norm (rms_norm), an MMDiT-X block (dual attention in
+    block 0), three blocks, and T5 on (a tiny random T5 encoder as text_encoder_3)."""
+    from dataclasses import replace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from helpers_text import tiny_t5
+
+    cfg = replace(TINY, depth=3, qk_norm="rms_norm", dual_attention_layers=(0,))
+    transformer = random_diffusers_transformer(cfg, dtype=torch.float64, seed=seed)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.mul_(0.5)  # as make_twins
+    vae = random_diffusers_vae(TINY_VAE3, seed=seed + 1)
+    vae.save_pretrained(tmp_path / "vae")
+    tok, enc, tok2, enc2 = tiny_clip_pair(seed=seed + 2)
+    tok3, enc3 = tiny_t5(seed=seed + 3, d_model=cfg.context_dim)
+    ref = StableDiffusion3Pipeline(
+        transformer=transformer.to(dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), vae=vae.to(dtype),
+        text_encoder=enc.to(dtype), tokenizer=tok, text_encoder_2=enc2.to(dtype), tokenizer_2=tok2,
+        text_encoder_3=enc3.to(dtype), tokenizer_3=tok3,
+    )
+    ref.set_progress_bar_config(disable=True)
+    ours = FlashSD3Pipeline(
+        from_diffusers_state_dict(transformer.state_dict(), cfg).to(dtype), load_vae(tmp_path / "vae", dtype=dtype),
+        TextEncoders(tok, enc, tok2, enc2, tok3, enc3, context_dim=cfg.context_dim), shift=SHIFT,
+    )
+    return Twins(ref, ours)

@@ -1,6 +1,7 @@
 """Sampling: sigma tables, Flash and Euler loops, classifier-free guidance.
 
-References: the checked-in fixture (Flash scheduler sigmas, tests/fixtures/README.md) and diffusers 0.42.1
+References: the checked-in fixture (the Flash scheduler's sigmas: initml/diffusers fork,
+`FlashFlowMatchEulerDiscreteScheduler.set_timesteps`) and diffusers 0.42.1
 `FlowMatchEulerDiscreteScheduler` (plain and `stochastic_sampling=True`). Our steps compute in float32
 exactly the same operations as those references, so in float32 the agreement is bitwise (tolerance 0).
 """
@@ -110,9 +111,8 @@ def test_flash_loop_matches_diffusers_stochastic_sampling(steps):
 
 
 def fork_flash_loop(x, sigmas, timesteps, velocity_fn):
-    """initml/diffusers FlashFlowMatchEulerDiscreteScheduler.step written out (its file:
-    schedulers/scheduling_flash_flow_match_euler_discrete.py): global-RNG re-noise in the latent dtype,
-    last step returns x0."""
+    """initml/diffusers fork `FlashFlowMatchEulerDiscreteScheduler.step` written out: global-RNG re-noise in the
+    latent dtype, last step returns x0."""
     n = len(timesteps)
     for i in range(n):
         v = velocity_fn(x, timesteps[i].expand(x.shape[0]))

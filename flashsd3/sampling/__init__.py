@@ -1,4 +1,6 @@
-"""Samplers as plain functions over a sigma table: flow-matching Euler (SD3) and Flash (Flash SD3)."""
+"""Samplers as plain functions over a sigma table: flow-matching Euler (SD3), Flash (Flash SD3) and
+DPM-Solver++(2M) (SD3.5), their table by name, and the denoiser stages (CFG, skip-layer guidance, inpainting)."""
+from .dpm import dpmpp_2m_step, sample_dpmpp_2m
 from .flash import draw_noise, flash_sigmas, flash_step, noise_to, sample_flash
 from .flow_match import (
     cfg_combine,
@@ -12,8 +14,18 @@ from .flow_match import (
     loop_timesteps,
     to_timesteps,
 )
+from .guidance import InpaintConstraint, SkipLayerGuidance, skip_layer_denoiser
+from .table import SAMPLERS, Sampler, get_sampler
 
 __all__ = [
+    "InpaintConstraint",
+    "SAMPLERS",
+    "Sampler",
+    "SkipLayerGuidance",
+    "dpmpp_2m_step",
+    "get_sampler",
+    "sample_dpmpp_2m",
+    "skip_layer_denoiser",
     "cfg_combine",
     "cfg_denoiser",
     "check_sigmas",
