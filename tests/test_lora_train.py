@@ -1,12 +1,13 @@
 """Trainable adapters (flashsd3.lora.train / save / convert) vs peft and diffusers on tiny SD3 transformers."""
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from flashsd3 import SD3_MEDIUM, TINY, MMDiT
+from flashsd3 import SD3_MEDIUM, TINY, MMDiT, load_transformer
 from flashsd3.lora import (
     LoRAError,
     add_lora,
@@ -27,17 +28,39 @@ from flashsd3.lora.train import FLASH_SD3_TARGETS, our_rows, select_targets
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 pytest.importorskip("peft", reason="peft is the parity reference (test extra)")
-from helpers_mmdit import ours_from_diffusers, random_diffusers_transformer, random_inputs, rel_err  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-# reference/ beside the main checkout or beside the worktrees (../shared/reference)
-PUBLISHED_KEYS_DIR = next((d / "shared" / "reference" for d in Path(__file__).resolve().parents[2:4]
-                           if (d / "shared" / "reference").is_dir()), None)
+from helpers_mmdit import random_diffusers_transformer, random_inputs  # noqa: E402
+
+
+def _published_dir() -> Path | None:
+    """Where the published adapter's key list and config are (reference README F2): tests/fixtures/ or
+    ../shared/reference/ beside the checkout; None if neither."""
+    here = Path(__file__).resolve()
+    for folder in [here.parent / "fixtures", *(p / "shared" / "reference" for p in here.parents[1:4])]:
+        if (folder / "flash_sd3_adapter_keys.tsv").is_file():
+            return folder
+    return None
+
+
+PUBLISHED_KEYS_DIR = _published_dir()
 PUBLISHED_KEYS = None if PUBLISHED_KEYS_DIR is None else {
-    k: tuple(json.loads(s)) for k, s in (line.split("\t") for line in
-                                         (PUBLISHED_KEYS_DIR / "flash_sd3_adapter_keys.tsv").read_text().splitlines())}
+    key: tuple(json.loads(shape)) for key, shape, *_ in
+    (line.split("\t") for line in (PUBLISHED_KEYS_DIR / "flash_sd3_adapter_keys.tsv").read_text().splitlines())}
 FLOAT64_TOL = 1e-10  # float64: fused qkv vs separate q/k/v and the image-/context-first join reorder sums only
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64."""
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def ours_from_diffusers(ref, cfg) -> MMDiT:
+    """Our model with the weights of diffusers' `ref`, through the public loader (a diffusers folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        return load_transformer(folder, config=cfg).eval()
 
 
 def peft_config(r=4, alpha=3, targets=FLASH_SD3_TARGETS) -> LoraConfig:
