@@ -84,7 +84,8 @@ def _number(kind=int, low=0, multiple=1, high=None):
 def _strength(text: str) -> float:
     value = _number(float)(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the part of the schedule that is run), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}: the part of the schedule run from the "
+                                         "noised image (1: from pure noise)")
     return value
 
 

@@ -37,7 +37,8 @@ def run_recipe(args, config: MMDiTConfig, adapters: bool):
     tuning = [flag for flag, attr in SLG_TUNING if getattr(args, attr) is not None]
     if tuning and (args.slg_layers == () or (args.slg_layers is None and base.slg is None)):
         why = "--slg-layers none turns it off" if args.slg_layers == () else f"recipe {base.name} has none"
-        raise PreflightError(f"{', '.join(tuning)} adjust{'s' if len(tuning) == 1 else ''} skip-layer guidance, which is off ({why}): "
+        verb = "adjusts" if len(tuning) == 1 else "adjust"
+        raise PreflightError(f"{', '.join(tuning)} {verb} skip-layer guidance, which is off ({why}): "
                              "give --slg-layers (e.g. 7,8,9) to turn it on")
     try:
         rec = override(base, steps=args.steps, guidance=args.guidance, sampler=args.sampler, shift=args.shift,
