@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Exit codes: 0 done, 1 generation failed, 2 bad input / weights unavailable / "
                        "existing files, 130 interrupted.")
     count, px, path = _number(low=1), _number(low=1, multiple=SIZE_STEP), lambda t: Path(_expand(t))
-    size_help = f"multiple of {SIZE_STEP}; default 1024 ({DEMO_SIZE} with --demo)"
+    size_help = f"multiple of {SIZE_STEP}; default: the --image's, else 1024 ({DEMO_SIZE} with --demo)"
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="repeatable")
     g.add_argument("--prompts-file", type=path, metavar="FILE", help="one per line, after any --prompt; blanks skipped")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=count, metavar="N", help="sampler steps (flash-sd3: 4, sd3: 28)")
     g.add_argument("--guidance", type=_number(float), metavar="G", help="CFG scale, on if > 1 (flash-sd3: 0, sd3: 7)")
     g.add_argument("--sampler", choices=list(SAMPLERS))
-    g.add_argument("--shift", type=_number(float, low=1e-6), metavar="S", help="time shift of the sigmas (3 in all)")
+    g.add_argument("--shift", type=_number(float, low=1e-6), metavar="S", help="sigma time shift (recipes: 3)")
     g.add_argument("--slg-layers", type=_layers, metavar="I,J|none",
                    help="skip-layer guidance: joint blocks skipped in an extra pass (needs --guidance > 1; "
                         "sd3.5-medium-slg: 7,8,9); 'none' turns a recipe's off")
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slg-stop", type=_number(float), metavar="F", help="fraction of the steps (default 0.2)")
     g.add_argument("--height", type=px, metavar="PX", help=size_help)
     g.add_argument("--width", type=px, metavar="PX", help=size_help)
+    g.add_argument("--batch-size", type=count, default=1, metavar="N", help="images per model call (default 1)")
     g = p.add_argument_group("image to edit")
     g.add_argument("--image", type=path, metavar="FILE", help="img2img from this image. Output size: the image's "
                    "(a multiple of 16 for SD3, else refused), or --height/--width, to which the image and mask "
@@ -144,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "keep; grayscale, of the image's size")
     g.add_argument("--strength", type=_strength, metavar="F", help="(0, 1]: how much of the schedule runs from "
                    "the noised image (default 0.6 img2img, 1.0 inpainting)")
-    g.add_argument("--batch-size", type=count, default=1, metavar="N", help="images per model call (default 1)")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=_expand, default=hub.SD3_MEDIUM_REPO, metavar="PATH|REPO",
                    help="diffusers folder, single .safetensors file, or hub repo id (default: %(default)s)")

@@ -100,6 +100,19 @@ def test_txt2img_records_the_recipe(files, demo_pipe):
     assert np.array_equal(pixels, np.asarray(ref))
 
 
+def test_recipe_of_a_hub_model_is_resolved_after_loading(files, monkeypatch, capsys):
+    """A hub id other than SD3-medium's has no config before the download: its recipe and skip layers are
+    checked once the model is loaded (stood in for by the demo model here)."""
+    monkeypatch.setattr(cli, "model_config", lambda model, demo: None)
+    assert cli.main(["--demo", "--prompt", "x", "--guidance", "5", "--slg-layers", "2", "--height", "32", "--width",
+                     "32", "--out", str(files / "bad")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("flashsd3-sample: error:")]
+    assert errors == ["flashsd3-sample: error: --slg-layers [2] beyond the model's 2 joint blocks (0..1)"]
+    assert not list((files / "bad").iterdir())  # the folder was created before loading; no file in it
+    _, _, meta = sample(files, "--guidance", "5", "--slg-layers", "1", "--height", "32", "--width", "32")
+    assert (meta["recipe"], meta["guidance"], meta["slg_layers"]) == ("flash-sd3", 5.0, [1])
+
+
 def flags(*argv) -> Namespace:
     return cli.build_parser().parse_args(["--prompt", "x", *argv])
 
