@@ -1,7 +1,8 @@
-"""flashsd3-sample: prompts -> PNG files (with their settings in PNG text metadata), one GPU or many.
+"""flashsd3-sample: prompts (+ an image to edit) -> PNG files with their settings in PNG text metadata, one GPU or many.
 
     flashsd3-sample --prompt "a raccoon reading a book" --seed 0          # Flash SD3: 4 steps, no guidance
     flashsd3-sample --demo --prompt "a cat"                               # offline toy model, seconds on CPU
+    flashsd3-sample --prompt "a fox" --image in.png --mask mask.png       # inpaint the white part of the mask
     torchrun --nproc_per_node 4 -m flashsd3.cli --prompts-file prompts.txt   # batches shared out over ranks
 
 Image k of a run (prompts in order, `--num-images` each) is written as f"{k:05d}-{seed + k}-{slug}.png"
@@ -26,14 +27,14 @@ from pathlib import Path
 from . import hub
 from .distributed import Ranks, resolve_device
 from .outputs import OutputError, Plan, check_out_dir, new_file_mode, save_image
-from .preflight import SEED_LIMIT, PreflightError, check_loras, check_seed, check_size, model_config
+from .preflight import SEED_LIMIT, PreflightError, check_loras, check_seed, model_config
+from .settings import Inputs, call, describe, load_edit, metadata, run_recipe, run_size
 
 PROG = "flashsd3-sample"
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 SIZE_STEP = 16  # VAE downscale 8 x patch size 2 (SD3 and the demo config); checked again against the model
 DEMO_SIZE = 256  # default --height/--width with --demo: the toy model is fast, its images are noise anyway
 DEMO_PROMPT = "a raccoon reading a book in a lush forest"
-BASE_MODEL_HINT = "the base model without LoRA wants --sampler euler --guidance 7 --steps 28 (SD3's own recipe)"
 MESSAGE_LIMIT = 800  # characters of an error message shown (a folder listing or key list can be huge)
 
 
@@ -74,10 +75,28 @@ def _number(kind=int, low=0, multiple=1, high=None):
         if not math.isfinite(value) or value < low or (high is not None and value >= high):
             bound = f">= {low}" if high is None else f"from {low} to {high - 1}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
-        if value % multiple:
+        if multiple != 1 and value % multiple:  # sizes only: a float % 1 is its fraction
             raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} (VAE x patch size), got {value}")
         return value
     return parse
+
+
+def _strength(text: str) -> float:
+    value = _number(float)(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}: the part of the schedule run from the "
+                                         "noised image (1: from pure noise)")
+    return value
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    """'7,8,9' -> (7, 8, 9); 'none' -> () (turns the recipe's skip-layer guidance off)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 7,8,9 or 'none', got {text!r}") from None
 
 
 def _expand(text: str) -> str:
@@ -86,11 +105,15 @@ def _expand(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Text to image with SD3-medium + the Flash SD3 LoRA (4 steps).",
+    from .recipes import RECIPES  # imports torch: main() has set MKL's environment by now
+    from .sampling.table import SAMPLERS
+
+    p = _Parser(prog=PROG, description="Text to image (and img2img, inpainting) with SD3-medium + the Flash SD3 "
+                                       "LoRA (4 steps), or SD3 / SD3.5 with their own recipes.",
                 epilog="Exit codes: 0 done, 1 generation failed, 2 bad input / weights unavailable / "
                        "existing files, 130 interrupted.")
     count, px, path = _number(low=1), _number(low=1, multiple=SIZE_STEP), lambda t: Path(_expand(t))
-    size_help = f"multiple of {SIZE_STEP}; default 1024 ({DEMO_SIZE} with --demo)"
+    size_help = f"multiple of {SIZE_STEP}; default: the --image's, else 1024 ({DEMO_SIZE} with --demo)"
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="repeatable")
     g.add_argument("--prompts-file", type=path, metavar="FILE", help="one per line, after any --prompt; blanks skipped")
@@ -98,13 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=count, default=1, metavar="N", help="images per prompt (default 1)")
     g.add_argument("--seed", type=_number(high=SEED_LIMIT), metavar="N",
                    help="0 .. 2**64 - 1; default: random (printed); image k uses seed + k")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=count, default=4, metavar="N", help="default 4 (Flash)")
-    g.add_argument("--guidance", type=_number(float), default=0.0, metavar="G", help="CFG scale, on if > 1 (default 0)")
-    g.add_argument("--sampler", choices=("flash", "euler"), default="flash")
+    g = p.add_argument_group("sampling (default: the recipe; each flag set overrides it)")
+    g.add_argument("--recipe", choices=list(RECIPES), help="default: the model's: flash-sd3 for SD3 with a LoRA "
+                   "(and --demo), sd3 with --lora none, sd3.5-medium / sd3.5-large by architecture")
+    g.add_argument("--steps", type=count, metavar="N", help="sampler steps (flash-sd3: 4, sd3: 28)")
+    g.add_argument("--guidance", type=_number(float), metavar="G", help="CFG scale, on if > 1 (flash-sd3: 0, sd3: 7)")
+    g.add_argument("--sampler", choices=list(SAMPLERS))
+    g.add_argument("--shift", type=_number(float, low=1e-6), metavar="S", help="sigma time shift (recipes: 3)")
+    g.add_argument("--slg-layers", type=_layers, metavar="I,J|none",
+                   help="skip-layer guidance: joint blocks skipped in an extra pass (needs --guidance > 1; "
+                        "sd3.5-medium-slg: 7,8,9); 'none' turns a recipe's off")
+    g.add_argument("--slg-scale", type=_number(float), metavar="S", help="default 2.8 (diffusers'), recipe's if any")
+    g.add_argument("--slg-start", type=_number(float), metavar="F", help="fraction of the steps (default 0.01)")
+    g.add_argument("--slg-stop", type=_number(float), metavar="F", help="fraction of the steps (default 0.2)")
     g.add_argument("--height", type=px, metavar="PX", help=size_help)
     g.add_argument("--width", type=px, metavar="PX", help=size_help)
     g.add_argument("--batch-size", type=count, default=1, metavar="N", help="images per model call (default 1)")
+    g = p.add_argument_group("image to edit")
+    g.add_argument("--image", type=path, metavar="FILE", help="img2img from this image. Output size: the image's "
+                   "(a multiple of 16 for SD3, else refused), or --height/--width, to which the image and mask "
+                   "are resized (Lanczos, as diffusers)")
+    g.add_argument("--mask", type=path, metavar="FILE", help="inpainting (needs --image): white = repaint, black = "
+                   "keep; grayscale, of the image's size")
+    g.add_argument("--strength", type=_strength, metavar="F", help="(0, 1]: how much of the schedule runs from "
+                   "the noised image (default 0.6 img2img, 1.0 inpainting)")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=_expand, default=hub.SD3_MEDIUM_REPO, metavar="PATH|REPO",
                    help="diffusers folder, single .safetensors file, or hub repo id (default: %(default)s)")
@@ -178,10 +218,9 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def check_inputs(args) -> tuple[list[tuple[str, float]], list[str]]:
-    """Fill size defaults (--demo: small); check prompts, sources, size and adapters."""
-    default = DEMO_SIZE if args.demo else 1024
-    args.height, args.width = args.height or default, args.width or default
+def check_inputs(args) -> Inputs:
+    """Check prompts, sources, the image and mask, size, adapters and recipe; fill the size (the image's,
+    or a default: small with --demo)."""
     prompts = read_prompts(args)
     if args.seed is not None:
         check_seed(args.seed, len(prompts) * args.num_images)
@@ -189,10 +228,11 @@ def check_inputs(args) -> tuple[list[tuple[str, float]], list[str]]:
         check_source(args.model, "--model")
     loras = lora_list(args.lora, args.demo)
     config = model_config(args.model, args.demo)
-    if config is not None:
-        check_size(config, args.height, args.width)
+    edit = load_edit(args)
+    args.height, args.width = run_size(edit, args.height, args.width, config, DEMO_SIZE if args.demo else 1024)
     check_loras(config, [source for source, _ in loras])
-    return loras, prompts
+    recipe = run_recipe(args, config, bool(loras)) if config is not None else None
+    return Inputs(loras, prompts, edit, recipe)
 
 
 def checked(ranks: Ranks, step):
@@ -252,39 +292,40 @@ def weights_message(e: Exception, model: str) -> str:
             ".safetensors (and --lora /path/to/flash-sd3-folder, or --lora none).")
 
 
-def generate(pipe, args, plan: Plan, ranks: Ranks, meta: dict, negative: str | None) -> int:
+def generate(pipe, args, inputs: Inputs, plan: Plan, ranks: Ranks, meta: dict, negative: str | None) -> int:
     """This rank's batches, one model call each; each image's noise comes from its own seed."""
     from tqdm import tqdm
 
-    mine, mode = plan.count(args.batch_size, ranks.rank, ranks.world), new_file_mode()
+    mine, mode, edit = plan.count(args.batch_size, ranks.rank, ranks.world), new_file_mode(), inputs.edit
     bar = tqdm(total=mine, unit="img", desc=PROG, disable=None if ranks.rank == 0 else True)
+    of = "" if edit else f"/{inputs.recipe.steps}"  # an edit runs the last part of the schedule (--strength)
 
     def step_note(i, x):
-        bar.set_postfix_str(f"step {i + 1}/{args.steps}")
+        bar.set_postfix_str(f"step {i + 1}{of}")
 
     with bar:
         for batch in plan.batches(args.batch_size, ranks.rank, ranks.world):
-            images = pipe([j.prompt for j in batch], negative_prompt=negative, height=args.height, width=args.width,
-                          num_steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                          seed=[j.seed for j in batch], callback=step_note).images
-            for job, image in zip(batch, images):
+            images = call(pipe, edit, [j.prompt for j in batch], negative_prompt=negative, height=args.height,
+                          width=args.width, recipe=inputs.recipe, seed=[j.seed for j in batch], callback=step_note)
+            for job, image in zip(batch, images, strict=True):
                 save_image(image, args.out, job, meta, overwrite=args.overwrite, sidecar=args.json, mode=mode)
                 bar.update(1)
     return mine
 
 
-def run_metadata(args, loras, dtype: str, negative: str | None) -> dict:
+def run_metadata(args, inputs: Inputs, dtype: str, negative: str | None) -> dict:
     """Settings shared by every image of the run (prompt, index and seed are added per image)."""
-    return {"negative_prompt": negative or "", "steps": args.steps, "guidance": args.guidance,
-            "width": args.width, "height": args.height, "sampler": args.sampler,
+    return {"negative_prompt": negative or "", **metadata(inputs.recipe, inputs.edit),
+            "width": args.width, "height": args.height,
             "model": "demo (random weights, flashsd3.config.DEMO)" if args.demo else args.model,
-            "lora": [{"source": s, "scale": c} for s, c in loras], "t5": args.t5, "dtype": dtype,
+            "lora": [{"source": s, "scale": c} for s, c in inputs.loras], "t5": args.t5, "dtype": dtype,
             "software": "flashsd3"}
 
 
 def run(args, ranks: Ranks, device) -> int:
     say = print if ranks.rank == 0 else (lambda *a, **k: None)
-    loras, prompts = checked(ranks, lambda: check_inputs(args))
+    inputs = checked(ranks, lambda: check_inputs(args))
+    prompts = inputs.prompts
     seed = args.seed if args.seed is not None else ranks.from_rank0(random.SystemRandom().randrange(2**31))
     plan = Plan(tuple(prompts), args.num_images, seed)
     checked(ranks, lambda: (check_seed(seed, plan.total), check_out_dir(args.out, plan, args.overwrite, args.json)))
@@ -293,15 +334,19 @@ def run(args, ranks: Ranks, device) -> int:
     say(f"seed {seed}: image k uses seed + k ({plural(plan.total)}{sharded}, {dtype} on {device})")
     if args.demo:
         say("note: --demo uses a random toy-width model: its images are noise-like by design", file=sys.stderr)
-    elif loras == [] and args.steps == 4 and args.guidance == 0:
-        say(f"note: {BASE_MODEL_HINT}", file=sys.stderr)
-    negative = args.negative_prompt if args.guidance > 1 else None
-    if args.negative_prompt is not None and negative is None:
-        say("note: --negative-prompt is ignored without --guidance > 1", file=sys.stderr)
+    if inputs.recipe is not None:
+        say(describe(inputs.recipe))
     t0 = time.perf_counter()
-    pipe = checked(ranks, lambda: load_pipeline(args, loras, device, dtype))
+    pipe = checked(ranks, lambda: load_pipeline(args, inputs.loras, device, dtype))
     t1 = time.perf_counter()
-    count = generate(pipe, args, plan, ranks, run_metadata(args, loras, dtype, negative), negative)
+    if inputs.recipe is None:  # a hub model: its config is known now
+        inputs.recipe = checked(ranks, lambda: run_recipe(args, pipe.transformer.config, bool(inputs.loras)))
+        say(describe(inputs.recipe))
+    negative = args.negative_prompt if inputs.recipe.cfg else None
+    if args.negative_prompt is not None and negative is None:
+        say(f"note: --negative-prompt is ignored without guidance > 1 ({inputs.recipe.name} has "
+            f"{inputs.recipe.guidance:g})", file=sys.stderr)
+    count = generate(pipe, args, inputs, plan, ranks, run_metadata(args, inputs, dtype, negative), negative)
     done = ranks.gather((count, time.perf_counter() - t1))  # also waits for every rank
     total, seconds = sum(c for c, _ in done), max(s for _, s in done)
     say(f"wrote {plural(total)} to {args.out} in {seconds:.2f} s ({total / seconds:.2f} images/s; "

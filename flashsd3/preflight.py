@@ -1,7 +1,7 @@
 """What flashsd3-sample checks before it loads a model or creates a folder, from headers only.
 
 A local model's transformer config comes from its config.json or, for a single file, from tensor shapes
-in the safetensors header (`flashsd3.mmdit.loading.transformer_config`, as the loader itself reads it); with it the image
+in the safetensors header (`flashsd3.mmdit.loading.transformer_config`, as the loader reads it); with it the image
 size is checked against the position table, and every local LoRA is planned onto the model built on
 the meta device (`flashsd3.lora.formats.plan_lora`: keys, layout, ranks, shapes; no tensor is read).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .config import DEMO, MMDiTConfig
+from .config import DEMO, SD3_MEDIUM, MMDiTConfig
+from .hub import SD3_MEDIUM_REPO
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 VAE_DOWNSCALE = 8  # SD3's VAE and the demo's: 4 levels of block_out_channels (vae/config.json)
@@ -28,12 +29,12 @@ def check_seed(seed: int, total: int) -> None:
 
 
 def model_config(model: str, demo: bool) -> MMDiTConfig | None:
-    """The demo preset, or a local model's transformer config from config.json / the safetensors header;
-    None for a hub repo id (known once downloaded)."""
+    """The demo preset, a local model's transformer config from config.json / the safetensors header, or
+    SD3-medium's for its hub repo (the published config); None for other hub ids (known once downloaded)."""
     if demo:
         return DEMO
     if not Path(model).exists():
-        return None
+        return SD3_MEDIUM if model == SD3_MEDIUM_REPO else None
     from .mmdit.loading import transformer_config
     from .weights import CheckpointError
 

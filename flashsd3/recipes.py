@@ -108,3 +108,9 @@ def recipe_for(config: MMDiTConfig, *, flash: bool = False) -> Recipe:
     if flash:
         raise ValueError("the Flash SD3 recipe is for SD3-medium; this model has qk-norm (SD3.5)")
     return SD35_MEDIUM if config.dual_attention_layers else SD35_LARGE
+
+
+def default_recipe(config: MMDiTConfig, *, adapters: bool) -> Recipe:
+    """The recipe of a loaded model (from_pretrained's and flashsd3-sample's default): an adapter on SD3
+    (no qk-norm) is taken for Flash SD3's, this package's purpose; pass a recipe for other adapters."""
+    return recipe_for(config, flash=adapters and config.qk_norm is None)

@@ -169,7 +169,7 @@ def test_image_k_alone_matches_the_run(demo_run, tmp_path):
 def test_cli_images_equal_pipeline_seed_images(demo_run, demo_pipe):
     """The CLI's per-image noise reproduces pipe(prompts, seed=...) (image k from seed + k)."""
     ref = demo_pipe(PROMPTS, height=PX, width=PX, seed=SEED, num_images_per_prompt=PER_PROMPT).images
-    for name, image in zip(expected_names(SEED), ref):  # batch of 6 vs the CLI's 4 + 2: see the test above
+    for name, image in zip(expected_names(SEED), ref, strict=True):  # batch of 6 vs the CLI's 4 + 2: see the test above
         diff = np.abs(np.asarray(image, dtype=np.int16) - pixels(demo_run[0] / "out" / name))
         assert diff.max() <= 1, (name, diff.max())
 
@@ -296,13 +296,69 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "unwritable out under ~": (["--demo", "--out", "~/a_file/sub"], "cannot write to --out {tmp}/a_file/sub"),
     "huge count, existing file": (["--demo", "--prompt", "x", "--seed", "0", "--num-images", str(10**15),
                                    "--out", "{tmp}/full"], "1 output file(s) already exist in {tmp}/full"),
+    # image to edit (img.png and mask.png: 80x64; see _edit_files)
+    "strength 0": (["--demo", "--image", "{tmp}/img.png", "--strength", "0"], "--strength: must be in (0, 1]"),
+    "strength above 1": (["--demo", "--image", "{tmp}/img.png", "--strength", "1.5"], "must be in (0, 1], got 1.5"),
+    "strength not finite": (["--demo", "--image", "{tmp}/img.png", "--strength", "nan"], "--strength: must be a"),
+    "strength without image": (["--demo", "--strength", "0.5"], "--strength needs --image"),
+    "mask without image": (["--demo", "--mask", "{tmp}/mask.png"], "--mask needs --image"),
+    "missing image": (["--demo", "--image", "{tmp}/nope.png"], "--image: image '{tmp}/nope.png' does not exist"),
+    "unreadable image": (["--demo", "--image", "{tmp}/empty.txt"], "--image: cannot read image '{tmp}/empty.txt'"),
+    "mask of another size": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/small_mask.png"],
+                             "mask is 32x32 but the image is 80x64 (width x height)"),
+    "mask with colour": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/img.png"],
+                         "--mask: mask '{tmp}/img.png' is not a single-channel image"),
+    "mask with transparency": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/alpha_mask.png"],
+                               "has transparency"),
+    "image not a multiple of 16": (["--demo", "--image", "{tmp}/odd.png"],
+                                   "80x60 (width x height), not a multiple of 16 for this model: pass --width and "
+                                   "--height to resize it (nearest: width 80 or 96, height 48 or 64)"),
+    "image with --height only": (["--demo", "--image", "{tmp}/img.png", "--height", "64"],
+                                 "give both --height and --width to resize it, or neither"),
+    "image beyond the position table": (["--demo", "--image", "{tmp}/big.png"],
+                                        "--image {tmp}/big.png is 16x2048, the output size without --height/--width: "
+                                        "--height 2048 exceeds the position table"),
+    # recipe and skip-layer guidance (the demo model has 2 joint blocks, SD3-medium 24)
+    "unknown recipe": (["--demo", "--recipe", "sd4"], "argument --recipe: invalid choice: 'sd4'"),
+    "unknown sampler": (["--demo", "--sampler", "ddim"], "argument --sampler: invalid choice: 'ddim'"),
+    "skip layers beyond the depth": (["--demo", "--guidance", "5", "--slg-layers", "1,2"],
+                                     "--slg-layers [2] beyond the model's 2 joint blocks (0..1)"),
+    "recipe's skip layers beyond the depth": (["--demo", "--recipe", "sd3.5-medium-slg"],
+                                              "[7, 8, 9] beyond the model's 2 joint blocks (0..1); give --slg-layers"),
+    "skip layers beyond SD3-medium's depth": (["--prompt", "x", "--lora", "none", "--slg-layers", "7,24"],
+                                              "--slg-layers [24] beyond the model's 24 joint blocks"),  # no download
+    "skip layers without CFG": (["--demo", "--slg-layers", "1"],
+                                "--slg-layers needs classifier-free guidance, which is off: guidance 0 <= 1"),
+    "SLG recipe with guidance 1": (["--demo", "--recipe", "sd3.5-medium-slg", "--guidance", "1"],
+                                   "skip-layer guidance (recipe sd3.5-medium-slg) needs classifier-free guidance"),
+    "SLG scale without layers": (["--demo", "--slg-scale", "3"],
+                                 "--slg-scale adjusts skip-layer guidance, which is off (recipe flash-sd3 has none)"),
+    "SLG tuning with layers none": (["--demo", "--recipe", "sd3.5-medium-slg", "--slg-layers", "none",
+                                     "--slg-start", "0.1"], "--slg-start adjusts skip-layer guidance, which is off"),
+    "SLG start after stop": (["--demo", "--guidance", "5", "--slg-layers", "1", "--slg-start", "0.5", "--slg-stop",
+                              "0.2"], "needs 0 <= --slg-start < --slg-stop <= 1, got start 0.5, stop 0.2"),
+    "SLG layers not numbers": (["--demo", "--slg-layers", "7-9"], "expected block indices like 7,8,9 or 'none'"),
 }
+
+
+def _edit_files(tmp: Path) -> None:
+    """img.png 80x64 RGB, mask.png of its size, and inputs that must be refused."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp / "img.png")
+    mask = np.zeros((64, 80), np.uint8)
+    mask[16:48, 24:64] = 255
+    Image.fromarray(mask).save(tmp / "mask.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp / "small_mask.png")
+    Image.fromarray(np.full((64, 80, 4), 128, np.uint8)).save(tmp / "alpha_mask.png")
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp / "odd.png")
+    Image.fromarray(np.zeros((2048, 16, 3), np.uint8)).save(tmp / "big.png")
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exit_2_one_line(case, tmp_path, capsys, monkeypatch):
     """Each bad input: exit 2 with one line naming the cause, before any model load (the local models here
-    are headers only) and without creating --out (except the case about existing files)."""
+    are headers only; SD3-medium's hub repo is known by its config) and without writing any file or folder
+    (the local model that fails to load does so after its checks, once --out is created)."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -316,9 +372,11 @@ def test_bad_input_exit_2_one_line(case, tmp_path, capsys, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "00000-0-x.json").write_text("{}")
     (tmp_path / "full" / "00000-0-x.png").write_bytes(b"")
+    _edit_files(tmp_path)
     argv, fragment = BAD_INPUTS[case]
     argv = [a.format(tmp=tmp_path) for a in argv]
-    argv = ["--out", str(tmp_path / "out"), *argv, *([] if {"--height", "--width"} & set(argv) else SIZE)]
+    argv = ["--out", str(tmp_path / "out"), *argv, *([] if {"--height", "--width", "--image"} & set(argv) else SIZE)]
+    before = set(tmp_path.rglob("*"))
     try:
         code = cli.main(argv)
     except SystemExit as e:  # argparse's own exit, as the console script would see it
@@ -328,4 +386,5 @@ def test_bad_input_exit_2_one_line(case, tmp_path, capsys, monkeypatch):
     assert code == 2 and len(errors) == 1 and fragment.format(tmp=tmp_path) in errors[0], err
     assert len(errors[0]) < 1000 and "gated" not in errors[0], errors[0]  # local inputs: no hub hints
     assert case == "local model that fails to load" or not (tmp_path / "out").exists()
-    assert list(tmp_path.rglob("*.png")) == [tmp_path / "full" / "00000-0-x.png"]
+    written = set(tmp_path.rglob("*")) - before
+    assert written == (set() if case != "local model that fails to load" else {tmp_path / "out"}), written

@@ -19,9 +19,16 @@ import torch
 from ..config import DEMO, DEMO_VAE
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
-from ..recipes import FLASH_SD3, Recipe, get_recipe, override, recipe_for
-from ..sampling import InpaintConstraint, cfg_denoiser, check_sigmas, forward_process, get_sampler, noise_to
-from ..sampling import skip_layer_denoiser
+from ..recipes import FLASH_SD3, Recipe, default_recipe, get_recipe, override
+from ..sampling import (
+    InpaintConstraint,
+    cfg_denoiser,
+    check_sigmas,
+    forward_process,
+    get_sampler,
+    noise_to,
+    skip_layer_denoiser,
+)
 from ..text_encoders import TextEncoders
 from ..vae import VAE, load_vae
 from .checks import check_count, check_finite, check_number, check_output_type, check_prompts, check_skip_layers
@@ -64,11 +71,11 @@ class FlashSD3Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_embedder.proj.weight.device
+        return self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.x_embedder.proj.weight.dtype
+        return self.transformer.dtype
 
     @property
     def shift(self) -> float:
@@ -92,7 +99,7 @@ class FlashSD3Pipeline:
         discard_lora: after merging, free the adapters' A/B (no unmerge or rescale later).
         tokenizers: for single files, where `tokenizer/` and `tokenizer_2/` are (default: the copies
         shipped with flashsd3, identical to SD3's).
-        recipe: default sampling settings; by default `recipe_for` the loaded model ("flash-sd3" for SD3
+        recipe: default sampling settings; by default `default_recipe` of the loaded model ("flash-sd3" for SD3
         with adapters, "sd3" without, "sd3.5-medium" / "sd3.5-large" by architecture).
         """
         from .. import hub
@@ -115,10 +122,7 @@ class FlashSD3Pipeline:
             load_lora(transformer, source, scale=scale)  # a folder, a file or a hub repo id
         if merge and loras:
             merge_lora(transformer, discard=discard_lora)
-        # an adapter on SD3 (no qk-norm) is taken for Flash SD3's, this package's purpose and the CLI's rule:
-        # pass recipe= for other adapters
-        flash = bool(loras) and transformer.config.qk_norm is None
-        pipe = cls(transformer, vae, text, recipe=recipe or recipe_for(transformer.config, flash=flash))
+        pipe = cls(transformer, vae, text, recipe=recipe or default_recipe(transformer.config, adapters=bool(loras)))
         pipe.loras = [(str(source), float(scale)) for source, scale in loras]
         return pipe
 
@@ -352,7 +356,7 @@ class FlashSD3Pipeline:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return self.vae.decoder.conv_in.weight.dtype
+        return self.vae.dtype
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:

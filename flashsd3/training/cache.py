@@ -129,7 +129,7 @@ def encode_shard(examples: list[Example], first: int, spec: CacheSpec, vae, text
                 bad.append(str(e))
         if not batch:
             continue
-        pixels = torch.stack(images).to(vae.encoder.conv_in.weight.device, text.dtype)
+        pixels = torch.stack(images).to(vae.device, text.dtype)
         posterior = vae.encode(pixels)
         z = posterior_samples(posterior, [i for i, _ in batch], spec.seed)
         rows["latents"].append(vae.vae_to_latents(z).cpu())
