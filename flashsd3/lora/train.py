@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .formats import LoRAError, open_lora, peft_selects, plan_lora
 from ..config import FLASH_SD3_ADAPTER
+from .formats import LoRAError, open_lora, peft_selects, plan_lora
 from .keys import Target, diffusers_targets, original_targets
 from .layers import LoRALayer, LoRAUpdate
 from .lora import _lora_layer, _lora_layers, _names, _new_name, lora_info

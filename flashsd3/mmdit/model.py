@@ -77,7 +77,7 @@ class MMDiT(nn.Module):
         self.activation_checkpointing = False
 
     @torch.no_grad()
-    def init_weights(self) -> "MMDiT":
+    def init_weights(self) -> MMDiT:
         """Initialise for training from scratch (DiT, Peebles & Xie 2023, `models.py` initialize_weights; SD3
         follows DiT): xavier-uniform linears and patch projection with zero biases, N(0, 0.02) timestep MLP,
         zero adaLN modulations and final projection. Every gate starts at 0, so each block starts as the

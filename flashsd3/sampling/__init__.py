@@ -9,9 +9,9 @@ from .flow_match import (
     euler_step,
     flow_match_sigmas,
     forward_process,
+    loop_timesteps,
     sample_euler,
     shift_sigmas,
-    loop_timesteps,
     to_timesteps,
 )
 from .guidance import InpaintConstraint, SkipLayerGuidance, skip_layer_denoiser

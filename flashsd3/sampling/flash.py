@@ -18,7 +18,7 @@ their dtype), so a seed gives the same image on any device.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -14,7 +14,7 @@ Everything is a plain function over a sigma tensor: no scheduler object, no hidd
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -161,9 +161,10 @@ def cfg_denoiser(
     cond = tuple(cond)
     if guidance <= 1:
         return lambda x, t: model_fn(x, t, *cond)
-    if uncond is None or len(tuple(uncond)) != len(cond):
+    uncond = None if uncond is None else tuple(uncond)
+    if uncond is None or len(uncond) != len(cond):
         raise ValueError(f"guidance {guidance} > 1 needs `uncond` with the same {len(cond)} tensors as `cond`")
-    both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+    both = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond, strict=True))
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_uncond, v_cond = model_fn(torch.cat([x, x]), torch.cat([t, t]), *both).chunk(2)
