@@ -4,9 +4,10 @@ A cache folder holds `cache.json` (what produced it: `CacheSpec`, the examples' 
 `shard-NNNNN.safetensors` (rows of `latents` (n, C, h, w), `clip` (n, 77, CLIP-L+G width), `pooled` (n, P); the
 captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout)
 and `prompts.safetensors` (fixed prompts for sample grids). The context is stored as its CLIP part only; the
-Flash SD3 recipe's T5 slot (flash-training.md sec. 1.1: no T5, 77 zero tokens, CLIP features zero-padded to
-4096, 154 tokens in all) is rebuilt at load time by `assemble_context`, which is exactly what
-`TextEncoders.encode` returns without T5.
+Flash SD3 recipe's T5 slot (gojasper/flash-diffusion `src/flash/models/flash_sd3/flash_diffusion_model.py`
+and the initml/diffusers fork's `pipeline_stable_diffusion_3.py` `_get_t5_prompt_embeds`: no T5, 77 zero
+tokens, CLIP features zero-padded to 4096, 154 tokens in all) is rebuilt at load time by
+`assemble_context`, which is exactly what `TextEncoders.encode` returns without T5.
 
 Latents are the VAE posterior's sample (seeded per example) mapped as the sampler expects them,
 (z - shift_factor) * scaling_factor (SD3 pipeline; the Flash trainer omits the shift, a quirk not copied here).
@@ -163,7 +164,8 @@ def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, t
     prompts = sample_prompts or [ex.caption for ex in examples[:4]]
     _save_tensors(folder / "empty.safetensors", encode_text(text, [""], spec.clip_width))
     _save_tensors(folder / "prompts.safetensors", encode_text(text, prompts, spec.clip_width), {"prompts": prompts})
-    if negative_prompt is not None:  # the Flash recipe's CFG uses a fixed negative prompt (flash-training.md 1.1)
+    if negative_prompt is not None:  # the Flash recipe's CFG uses a fixed negative prompt
+        # (gojasper/flash-diffusion src/flash/models/flash_sd3/flash_diffusion_model.py)
         _save_tensors(folder / "negative.safetensors", encode_text(text, [negative_prompt], spec.clip_width),
                       {"prompts": [negative_prompt]})
     if record["complete"]:  # only the prompt files were (re)written
