@@ -45,7 +45,7 @@ class EvalPlan:
     shift: float = 3.0  # sampling grid shift (SD3's; 4 steps -> sigmas [1, .858, .602, .009, 0])
     sweep: tuple[float, ...] = (1.5, 2.0, 4.0, 5.0)  # guidance sweep (informative, 240 other seeds, 16 steps)
     sweep_steps: int = 16
-    classifier_steps: int = 500
+    classifier_steps: int = 400
 
 
 QUICK_PLAN = EvalPlan(num_samples=240, ref_steps=8, sweep=(), classifier_steps=150)
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="override the teacher's training steps")
     p.add_argument("--guidance", type=float, help="override the CFG scale of the reference rows")
     p.add_argument("--num-samples", type=int, help="override the number of evaluation samples")
+    p.add_argument("--classifier-steps", type=int, help="override the classifier's training steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -190,7 +191,7 @@ Wall time: total {walls['total']:.0f} s (classifier {walls['classifier']:.0f} s,
 - Data: procedural 16x16 RGB in pixel space (no VAE), one shape per image: {NUM_CAPTIONS} captions = 3 shapes x
   4 colours x 4 positions (quadrants), e.g. "{caption((0, 0, 0))}"; colour, size, position jitter, textured
   background (`flashsd3/toy/data.py`). Training draws fresh batches from the seed's generator.
-- Teacher: `flashsd3.mmdit.MMDiT` (depth 4, 4 heads x 32 = width 128, patch 2, 3 channels), DiT init; text as
+- Teacher: `flashsd3.mmdit.MMDiT` (depth 4, 4 heads x 32 = width 128, patch 4, 3 channels), DiT init; text as
   learnt attribute tokens (3 context tokens of 64 + pooled 192, a learnt empty row for CFG).
 - Training: {json.dumps(asdict(recipe))}; flow-matching loss (`flashsd3.training.objectives`),
   caption dropout to the empty prompt, EMA weights sampled.
@@ -237,7 +238,8 @@ def main(argv=None) -> int:
     plan = QUICK_PLAN if args.quick else EvalPlan()
     if args.steps is not None:
         recipe = TeacherRecipe(**{**asdict(recipe), "steps": args.steps})
-    overrides = {"guidance": args.guidance, "num_samples": args.num_samples}
+    overrides = {"guidance": args.guidance, "num_samples": args.num_samples,
+                 "classifier_steps": args.classifier_steps}
     plan = EvalPlan(**{**asdict(plan), **{k: v for k, v in overrides.items() if v is not None}})
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "log.txt")

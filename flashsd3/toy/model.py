@@ -38,10 +38,12 @@ class TextConfig:
 
 
 TOY_TEXT = TextConfig()
-# 16x16 RGB pixels, patch 2 -> 8x8 = 64 image tokens; width 128 = 4 heads of 32; 4 joint blocks (~2.4M params).
+# 16x16 RGB pixels, patch 4 -> 4x4 = 16 image tokens; width 128 = 4 heads of 32; 4 joint blocks (~2.3M params).
+# Patch 4, not 2: a training step costs 2.6x less (measured on the shared 2-core CPU: 0.20 vs 0.55 CPU-s at
+# batch 64), which is what lets the teacher train, and a distillation call it 32 times per batch, in minutes.
 TOY_TEACHER = MMDiTConfig(
-    depth=4, num_heads=4, head_dim=32, patch_size=2, in_channels=3, out_channels=3,
-    context_dim=TOY_TEXT.token_dim, pooled_dim=TOY_TEXT.pooled_dim, pos_embed_max_size=8, sample_size=16,
+    depth=4, num_heads=4, head_dim=32, patch_size=4, in_channels=3, out_channels=3,
+    context_dim=TOY_TEXT.token_dim, pooled_dim=TOY_TEXT.pooled_dim, pos_embed_max_size=4, sample_size=16,
 )
 
 
