@@ -171,5 +171,5 @@ def test_toy_script_smoke(tmp_path):
     assert results["teacher_cfg_ref"]["fd_ref"] == pytest.approx(0, abs=1e-6)
     for name in ("RESULTS.md", "loss.png", "teacher.safetensors", "classifier.safetensors"):
         assert (tmp_path / name).is_file(), name
-    model, text = load_teacher(tmp_path / "teacher.safetensors")
+    model, _ = load_teacher(tmp_path / "teacher.safetensors")
     assert model.config.depth == 4 and model.config.hidden_size == 128
