@@ -51,7 +51,7 @@ def test_captions_match_the_pixels():
     box they fill (square 1, circle pi/4, triangle ~0.55), at 64x64 where edges are a small part of it."""
     labels = balanced_labels(96)
     images = (render(labels, torch.Generator().manual_seed(0), resolution=64) + 1) / 2
-    for img, (shape, colour, pos) in zip(images, labels.tolist()):
+    for img, (shape, colour, pos) in zip(images, labels.tolist(), strict=True):
         mask = _shape_pixels(img)
         ys, xs = torch.nonzero(mask, as_tuple=True)
         mean_rgb = img[:, mask].mean(1)

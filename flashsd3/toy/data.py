@@ -77,7 +77,7 @@ def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 1
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.ndim != 2 or labels.shape[1] != 3:
         raise ValueError(f"labels must be (n, 3) (shape, colour, position), got {tuple(labels.shape)}")
-    for col, (values, name) in enumerate(zip(ATTRIBUTES, ("shape", "colour", "position"))):
+    for col, (values, name) in enumerate(zip(ATTRIBUTES, ("shape", "colour", "position"), strict=True)):
         if labels[:, col].min() < 0 or labels[:, col].max() >= len(values):
             raise ValueError(f"{name} labels must be in 0..{len(values) - 1}, got {labels[:, col].unique().tolist()}")
     n, res = labels.shape[0], resolution

@@ -56,7 +56,8 @@ def augmented_batch(n: int, generator: torch.Generator, resolution: int = 16) ->
                         render(labels[h:], generator, resolution)])
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     images = images + 0.5 * torch.rand(n, 1, 1, 1, generator=generator) * (blurred - images)
-    images = images + 0.08 * torch.rand(n, 1, 1, 1, generator=generator) * torch.randn(images.shape, generator=generator)
+    amount = 0.08 * torch.rand(n, 1, 1, 1, generator=generator)  # drawn before the noise, as always
+    images = images + amount * torch.randn(images.shape, generator=generator)
     return images.clamp(-1, 1), labels
 
 

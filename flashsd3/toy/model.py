@@ -63,7 +63,7 @@ class AttributeText(nn.Module):
         if labels.ndim != 2 or labels.shape[1] != len(ATTRIBUTES):
             raise ValueError(f"labels must be (B, {len(ATTRIBUTES)}), got {tuple(labels.shape)}")
         tokens = []
-        for col, (table, values) in enumerate(zip(self.tables, ATTRIBUTES)):
+        for col, (table, values) in enumerate(zip(self.tables, ATTRIBUTES, strict=True)):
             idx = labels[:, col]
             if (idx < -1).any() or (idx >= len(values)).any():
                 raise ValueError(f"label column {col} must be in -1..{len(values) - 1}, got {idx.unique().tolist()}")
@@ -127,7 +127,7 @@ def generate(model: MMDiT, text: AttributeText, labels: torch.Tensor, noise: tor
     shifted grid, classifier-free guidance against the learnt empty prompt when guidance > 1."""
     sigmas = flow_match_sigmas(steps, shift)
     out = []
-    for lab, x in zip(labels.split(batch), noise.split(batch)):
+    for lab, x in zip(labels.split(batch), noise.split(batch), strict=True):
         denoise = cfg_denoiser(model, text(lab), text.empty(lab.shape[0]), guidance)
         out.append(sample_euler(denoise, x, sigmas))
     return torch.cat(out)

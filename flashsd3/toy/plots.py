@@ -40,10 +40,10 @@ def line_plot(series: dict[str, Sequence[float]], path: str | Path, *, title: st
     hi = hi if hi > lo else lo + 1
     n_max = max(len(v) for v in values)
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k, (name, v) in enumerate(zip(series, values)):
+    for k, (name, v) in enumerate(zip(series, values, strict=True)):
         xs = left + np.arange(len(v)) / max(n_max - 1, 1) * (W - left - right)
         ys = H - bottom - (tf(v) - lo) / (hi - lo) * (H - top - bottom)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[k % len(colours)], width=1)
+        draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=colours[k % len(colours)], width=1)
         draw.text((left + 10, top + 5 + 14 * k), name, fill=colours[k % len(colours)])
     fmt = (lambda y: f"{10 ** y:.3g}") if log_y else (lambda y: f"{y:.3g}")
     draw.text((5, top), fmt(hi), fill="black")
