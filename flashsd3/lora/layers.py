@@ -5,9 +5,11 @@ Each adapter contributes one or more `LoRAUpdate`s; an update changes only its o
 diffusers' separate to_q / to_k / to_v adapters land on their thirds of our fused `qkv`.
 
 The layer replaces the plain one in the model and shares its Parameter objects, so state_dict keys
-(`...attn.qkv.weight`) and strict loading are unchanged; A and B are non-persistent buffers: they
-follow `.to()` but never appear in a state dict. Same idea as flux's `LinearLora` (subclass of
-nn.Linear); peft instead wraps the layer and moves the weight to `base_layer.weight`.
+(`...attn.qkv.weight`) and strict loading are unchanged; A and B of an adapter loaded from a file
+are non-persistent buffers: they follow `.to()` but never appear in a state dict. Trainable adapters
+(`add_lora`, lora/train.py) hold fp32 nn.Parameters, cast to the activations' dtype in forward.
+Same idea as flux's `LinearLora` (subclass of nn.Linear); peft instead wraps the layer and moves
+the weight to `base_layer.weight`.
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ class LoRAUpdate(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, start: int, stop: int, scale: float):
         super().__init__()
-        self.register_buffer("A", A, persistent=False)  # (r, in) or conv (r, in, kh, kw)
-        self.register_buffer("B", B, persistent=False)  # (stop - start, r) or conv (stop - start, r, 1, 1)
+        if isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter):  # trainable (lora/train.py add_lora)
+            self.A, self.B = A, B
+        else:  # loaded from a file: follows .to(), never in a state dict
+            self.register_buffer("A", A, persistent=False)  # (r, in) or conv (r, in, kh, kw)
+            self.register_buffer("B", B, persistent=False)  # (stop - start, r) or conv (stop - start, r, 1, 1)
         self.start, self.stop = start, stop
         self.scale = scale  # alpha / r from the file's config; the user's scale is kept by the layer
 
@@ -105,7 +110,8 @@ class LoRALinear(LoRALayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)  # (..., out)
         for update, s in self.active_updates():
-            out[..., update.start : update.stop].add_(F.linear(F.linear(x, update.A), update.B), alpha=s)
+            A, B = update.A.to(x.dtype), update.B.to(x.dtype)  # fp32 trainable adapters on a bf16 model
+            out[..., update.start : update.stop].add_(F.linear(F.linear(x, A), B), alpha=s)
         return out
 
     def plain(self) -> nn.Linear:
@@ -129,8 +135,8 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv_forward(x, self.weight, self.bias)  # (B, out, h, w)
         for update, s in self.active_updates():
-            h = self._conv_forward(x, update.A, None)  # (B, r, h, w): same kernel, stride and padding
-            out[:, update.start : update.stop].add_(F.conv2d(h, update.B), alpha=s)
+            h = self._conv_forward(x, update.A.to(x.dtype), None)  # (B, r, h, w): same kernel, stride and padding
+            out[:, update.start : update.stop].add_(F.conv2d(h, update.B.to(x.dtype)), alpha=s)
         return out
 
     def plain(self) -> nn.Conv2d:
