@@ -11,7 +11,7 @@ the same thing in 25 lines; diffusers `training_utils.py` (`compute_density_for_
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +70,22 @@ def flow_matching_loss(model_fn: ModelFn, x0: torch.Tensor, cond: Sequence[torch
 
 
 def drop_conditioning(cond: Sequence[torch.Tensor], empty: Sequence[torch.Tensor], p: float,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+                      generator: torch.Generator | None = None, *, u: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Replace each sample's conditioning by the empty prompt's with probability p (caption dropout, which
-    teaches the unconditional velocity that classifier-free guidance needs). empty: tensors of batch 1 or B."""
+    teaches the unconditional velocity that classifier-free guidance needs). empty: tensors of batch 1 or B.
+
+    u: (B,) uniform draws to use instead of drawing them (a run draws them for its whole global batch, so
+    which samples drop does not depend on how the batch is split over ranks); sample b drops if u[b] < p.
+    """
     if not 0 <= p <= 1:
         raise ValueError(f"caption dropout probability must be in [0, 1], got {p}")
     B = cond[0].shape[0]
-    device = generator.device if generator is not None else None
-    drop = (torch.rand(B, generator=generator, device=device) < p).to(cond[0].device)
+    if u is None:
+        device = generator.device if generator is not None else None
+        u = torch.rand(B, generator=generator, device=device)
+    elif u.shape != (B,):
+        raise ValueError(f"u must have shape ({B},), one draw per sample, got {tuple(u.shape)}")
+    drop = (u < p).to(cond[0].device)
     out = []
     for c, e in zip(cond, empty):
         mask = drop.view(-1, *([1] * (c.ndim - 1)))

@@ -1,0 +1,236 @@
+"""Encode a dataset once into safetensors shards, so training holds neither the VAE nor the text encoders.
+
+A cache folder holds `cache.json` (what produced it: `CacheSpec`, the examples' digest, shard size, progress),
+`shard-NNNNN.safetensors` (rows of `latents` (n, C, h, w), `clip` (n, 77, CLIP-L+G width), `pooled` (n, P); the
+captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout)
+and `prompts.safetensors` (fixed prompts for sample grids). The context is stored as its CLIP part only; the
+Flash SD3 recipe's T5 slot (flash-training.md sec. 1.1: no T5, 77 zero tokens, CLIP features zero-padded to
+4096, 154 tokens in all) is rebuilt at load time by `assemble_context`, which is exactly what
+`TextEncoders.encode` returns without T5.
+
+Latents are the VAE posterior's sample (seeded per example) mapped as the sampler expects them,
+(z - shift_factor) * scaling_factor (SD3 pipeline; the Flash trainer omits the shift, a quirk not copied here).
+Shards are renamed into place when complete, so an interrupted `prepare` resumes at the first missing one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_file, atomic_json
+from .data import DataError, Example, Problem, load_image
+
+CACHE_VERSION = 1
+CLIP_TOKENS = 77  # CLIP's context length
+T5_TOKENS = 77  # zero tokens of the T5 slot (Flash SD3: tokenizer_max_length 77, text_encoder_3=None)
+
+
+class CacheError(ValueError):
+    """A cache folder that does not fit the request (another model, resolution, ...) or is unfinished."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What produced a cache; two caches with equal specs and digests hold the same tensors."""
+
+    model: str  # "demo", a hub repo id or an absolute path (training.models.model_id)
+    resolution: int  # image side in pixels (square, centre-cropped)
+    dtype: str  # torch dtype name of the encoders and of the stored tensors, e.g. "float32"
+    latent_channels: int  # VAE latent channels
+    scaling_factor: float  # latents = (z - shift_factor) * scaling_factor (vae/config.json)
+    shift_factor: float
+    clip_width: int  # CLIP-L + CLIP-G hidden widths (768 + 1280 for SD3)
+    context_dim: int  # transformer text width the CLIP features are zero-padded to (4096 for SD3)
+    pooled_dim: int  # CLIP-L + CLIP-G projection widths (2048)
+    seed: int = 0  # posterior sample of example i uses seed + i
+    t5_tokens: int = T5_TOKENS
+    version: int = CACHE_VERSION
+
+    def differences(self, other: CacheSpec) -> list[str]:
+        return [f"{f.name} {getattr(self, f.name)!r} (wanted {getattr(other, f.name)!r})" for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def examples_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(f"{ex.image}\0{ex.caption}\0".encode())
+    return h.hexdigest()
+
+
+def assemble_context(clip: torch.Tensor, context_dim: int, t5_tokens: int = T5_TOKENS) -> torch.Tensor:
+    """(B, 77, clip_width) -> (B, 77 + t5_tokens, context_dim): zero feature padding, then zero T5 tokens."""
+    clip = F.pad(clip, (0, context_dim - clip.shape[-1]))
+    return torch.cat([clip, clip.new_zeros(clip.shape[0], t5_tokens, context_dim)], dim=1)
+
+
+def encode_text(text, prompts: list[str], clip_width: int) -> dict[str, torch.Tensor]:
+    context, pooled = text.encode(prompts, t5_tokens=0)  # (B, 77, context_dim): CLIP then zero padding
+    return {"clip": context[:, :CLIP_TOKENS, :clip_width].contiguous().cpu(), "pooled": pooled.contiguous().cpu()}
+
+
+def spec_for(model: str, resolution: int, vae, text, seed: int) -> CacheSpec:
+    c = vae.config
+    return CacheSpec(model=model, resolution=resolution, dtype=str(text.dtype).removeprefix("torch."),
+                     latent_channels=c.latent_channels, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor,
+                     clip_width=text.clip_l.config.hidden_size + text.clip_g.config.hidden_size,
+                     context_dim=text.context_dim,
+                     pooled_dim=text.clip_l.config.projection_dim + text.clip_g.config.projection_dim, seed=seed)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    metadata = {k: json.dumps(v) for k, v in (meta or {}).items()}
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def start_cache(folder: Path, spec: CacheSpec, examples: list[Example], shard_size: int,
+                skipped: list[Problem]) -> dict:
+    """Create cache.json, or check an existing one matches (resume). Returns the record."""
+    record = {"spec": asdict(spec), "digest": examples_digest(examples), "examples": len(examples),
+              "shard_size": shard_size, "skipped": [str(p) for p in skipped], "complete": False}
+    index = folder / "cache.json"
+    if index.is_file():
+        old = json.loads(index.read_text())
+        diffs = CacheSpec(**old["spec"]).differences(spec)
+        if old["digest"] != record["digest"]:
+            diffs.append("the list of images and captions changed")
+        if old["shard_size"] != shard_size:
+            diffs.append(f"shard size {old['shard_size']} (wanted {shard_size})")
+        if diffs:
+            raise CacheError(f"{folder} holds a cache made differently: {'; '.join(diffs)}; "
+                             "use another folder or --overwrite")
+        return old
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_json(index, record)
+    return record
+
+
+def encode_shard(examples: list[Example], first: int, spec: CacheSpec, vae, text, batch_size: int,
+                 skip_bad: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Encode examples[...] (global indices from `first`); returns (tensors, metadata)."""
+    rows, kept, bad = {"latents": [], "clip": [], "pooled": []}, [], []
+    for start in range(0, len(examples), batch_size):
+        images, batch = [], []
+        for i, ex in enumerate(examples[start:start + batch_size], first + start):
+            try:
+                images.append(load_image(ex.image, spec.resolution))
+                batch.append((i, ex))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                bad.append(str(e))
+        if not batch:
+            continue
+        pixels = torch.stack(images).to(vae.encoder.conv_in.weight.device, text.dtype)
+        posterior = vae.encode(pixels)
+        z = posterior_samples(posterior, [i for i, _ in batch], spec.seed)
+        rows["latents"].append(vae.vae_to_latents(z).cpu())
+        for k, v in encode_text(text, [ex.caption for _, ex in batch], spec.clip_width).items():
+            rows[k].append(v)
+        kept += batch
+    tensors = {k: torch.cat(v) for k, v in rows.items()} if kept else {}
+    meta = {"index": [i for i, _ in kept], "captions": [ex.caption for _, ex in kept],
+            "images": [str(ex.image) for _, ex in kept], "skipped": bad}
+    return tensors, meta
+
+
+def posterior_samples(posterior, indices: list[int], seed: int) -> torch.Tensor:
+    """mean + std * noise with example i's noise from seed + i: a latent does not depend on its batch."""
+    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                         for i in indices]).to(posterior.mean.device, posterior.mean.dtype)
+    return posterior.mean + posterior.std * noise
+
+
+def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, text, *, shard_size: int = 256,
+                  batch_size: int = 8, skip_bad: bool = False, skipped: list[Problem] = (),
+                  sample_prompts: list[str] | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Encode `examples` into `folder` (resuming an unfinished cache); returns the final cache.json record.
+
+    sample_prompts: fixed prompts for sample grids (default: the first four captions). progress(n) is called
+    with the number of examples done after each shard (including shards found already written).
+    """
+    record = start_cache(folder, spec, examples, shard_size, list(skipped))
+    if record["complete"]:
+        return record
+    prompts = sample_prompts or [ex.caption for ex in examples[:4]]
+    _save_tensors(folder / "empty.safetensors", encode_text(text, [""], spec.clip_width))
+    _save_tensors(folder / "prompts.safetensors", encode_text(text, prompts, spec.clip_width), {"prompts": prompts})
+    shards = []
+    for k, first in enumerate(range(0, len(examples), shard_size)):
+        path = folder / f"shard-{k:05d}.safetensors"
+        if not path.is_file():
+            with torch.no_grad():
+                tensors, meta = encode_shard(examples[first:first + shard_size], first, spec, vae, text,
+                                             batch_size, skip_bad)
+            _save_tensors(path, tensors, meta)
+        shards.append(path.name)
+        if progress is not None:
+            progress(min(first + shard_size, len(examples)))
+    bad = [s for name in shards for s in _metadata(folder / name)["skipped"]]
+    rows = [len(_metadata(folder / name)["index"]) for name in shards]
+    record.update(shards=shards, rows=rows, skipped=record["skipped"] + bad, complete=True)
+    if sum(rows) == 0:
+        raise DataError(f"no usable example: all {len(examples)} images were skipped")
+    atomic_json(folder / "cache.json", record)
+    return record
+
+
+def _metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+class CachedData:
+    """A finished cache, read row by row from its memory-mapped shards."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = folder = Path(folder)
+        index = folder / "cache.json"
+        if not index.is_file():
+            raise CacheError(f"{folder} is not a cache (no cache.json): make one with `flashsd3-train prepare`")
+        self.record = json.loads(index.read_text())
+        if not self.record["complete"]:
+            raise CacheError(f"the cache {folder} is unfinished: run the same `flashsd3-train prepare` again")
+        self.spec = CacheSpec(**self.record["spec"])
+        self._files = [safe_open(str(folder / name), "pt") for name in self.record["shards"]]
+        self._where = [(k, r) for k, n in enumerate(self.record["rows"]) for r in range(n)]  # row -> (shard, row)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def check(self, model: str, resolution: int | None = None) -> None:
+        """Refuse a cache made for another model (or resolution) than the run's."""
+        wrong = [f"model {self.spec.model!r} (this run: {model!r})" for _ in [0] if self.spec.model != model]
+        if resolution is not None and self.spec.resolution != resolution:
+            wrong.append(f"resolution {self.spec.resolution} (this run: {resolution})")
+        if wrong:
+            raise CacheError(f"the cache {self.folder} was made for {' and '.join(wrong)}: prepare a cache for it")
+
+    def _rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        out = []
+        for i in indices:
+            shard, row = self._where[i]
+            out.append(self._files[shard].get_slice(name)[row:row + 1])
+        return torch.cat(out)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents (B, C, h, w), context (B, 154, context_dim), pooled (B, P)) in the cache dtype."""
+        clip = self._rows("clip", indices)
+        return self._rows("latents", indices), self.context(clip), self._rows("pooled", indices)
+
+    def context(self, clip: torch.Tensor) -> torch.Tensor:
+        return assemble_context(clip, self.spec.context_dim, self.spec.t5_tokens)
+
+    def prompt_file(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(context, pooled, prompts) of empty.safetensors or prompts.safetensors."""
+        with safe_open(str(self.folder / name), "pt") as f:
+            prompts = json.loads((f.metadata() or {}).get("prompts", '[""]'))
+            return self.context(f.get_tensor("clip")), f.get_tensor("pooled"), prompts
