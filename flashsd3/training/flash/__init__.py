@@ -17,6 +17,7 @@ from .recipe import (
     mixture_probs,
 )
 from .step import (
+    BankStart,
     FlashBatch,
     FlashModels,
     StepRandom,
@@ -28,7 +29,7 @@ from .step import (
     teacher_target,
 )
 
-__all__ = ["DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "StepRandom",
+__all__ = ["BankStart", "DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "StepRandom",
            "disc_head_downsamples", "discriminator_loss", "distill_l2", "dmd_loss", "dmd_velocities",
            "draw_guidance", "draw_start_index", "expected_teacher_steps", "flash_update", "generator_loss",
            "lsgan_discriminator_loss", "lsgan_generator_loss", "make_head", "mixture_probs", "mmdit_flash_models",

@@ -39,14 +39,27 @@ class FlashModels:
 
 
 @dataclass
+class BankStart:
+    """A precomputed start point and target (the "bank" option for small models, not the recipe): x_k is a state
+    of a stored teacher CFG trajectory at grid index k (not noised data) and y that trajectory's end."""
+
+    k: int
+    x_k: torch.Tensor  # (B, C, H, W)
+    target: torch.Tensor  # (B, C, H, W)
+    guidance: float  # the w the trajectories were solved with (for logging)
+
+
+@dataclass
 class FlashBatch:
     """x0 data latents (B, C, H, W); cond/uncond tuples batched like x0 (uncond: the negative prompt);
-    ids (B,) global sample indices (e.g. rank offset + position in the global batch), used to seed noise."""
+    ids (B,) global sample indices (e.g. rank offset + position in the global batch), used to seed noise.
+    start: a BankStart replaces the drawn start point and the teacher solve (option; needs d_pass='reuse')."""
 
     x0: torch.Tensor
     cond: tuple[torch.Tensor, ...]
     uncond: tuple[torch.Tensor, ...]
     ids: Sequence[int]
+    start: BankStart | None = None
 
 
 def _mix(*xs: int) -> int:
@@ -137,8 +150,11 @@ def _start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: i
     grid = recipe.grid()
     k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
     noise = rnd.randn(batch.x0)
+    if batch.start is not None:  # the bank option: start and target were drawn by the caller
+        k, w, x_k = batch.start.k, batch.start.guidance, batch.start.x_k
+    else:
+        x_k = forward_process(batch.x0, noise, grid[k])  # k = 0: sigma 1, exactly the noise
     sigma_k = grid[k].expand(len(batch.x0)).clone()
-    x_k = forward_process(batch.x0, noise, sigma_k)  # k = 0: sigma 1, exactly the noise
     with torch.set_grad_enabled(grad):
         x0_hat = student_x0(models.student, x_k, sigma_k, batch.cond)
     return grid, k, w, x_k, x0_hat
@@ -149,7 +165,10 @@ def generator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     (loss, Pass). Terms with weight 0 are skipped (the code computes and multiplies them by 0)."""
     phase, rnd = recipe.phase(step), StepRandom(seed, step, 0, batch.ids)
     grid, k, w, x_k, x0_hat = _start(models, recipe, batch, phase, rnd, grad=True)
-    y = teacher_target(models.teacher, x_k, grid, k, batch.cond, batch.uncond, w)
+    if batch.start is not None:
+        y = batch.start.target
+    else:
+        y = teacher_target(models.teacher, x_k, grid, k, batch.cond, batch.uncond, w)
     dmd_sigma = rnd.choice(training_sigma_table(recipe.shift))
     dmd_noise, w_dmd = rnd.randn(batch.x0), draw_guidance(recipe, rnd.batch)
     adv_sigma, adv_noise = rnd.choice(recipe.adv_sigmas()), rnd.randn(batch.x0)
@@ -177,6 +196,8 @@ def discriminator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBat
     and per-sample sigma_a ([M] L545-602). Fresh randomness and student forward (pass 1, the recipe) unless
     `reuse` passes the generator pass's draws (recipe.d_pass='reuse'). Returns (loss, Pass)."""
     if reuse is None:
+        if batch.start is not None:
+            raise ValueError("a bank batch (FlashBatch.start) has no fresh start point: use d_pass='reuse'")
         rnd = StepRandom(seed, step, 1, batch.ids)
         _, k, w, _, x0_hat = _start(models, recipe, batch, recipe.phase(step), rnd, grad=False)
         reuse = Pass(x0_hat, rnd.choice(recipe.adv_sigmas()), rnd.randn(batch.x0), k, w)
