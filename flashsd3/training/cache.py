@@ -2,8 +2,8 @@
 
 A cache folder holds `cache.json` (what produced it: `CacheSpec`, the examples' digest, shard size, progress),
 `shard-NNNNN.safetensors` (rows of `latents` (n, C, h, w), `clip` (n, 77, CLIP-L+G width), `pooled` (n, P); the
-captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout)
-and `prompts.safetensors` (fixed prompts for sample grids). The context is stored as its CLIP part only; the
+captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout),
+`negative.safetensors` (Flash distillation's CFG negative) and `prompts.safetensors` (fixed prompts for sample grids). The context is stored as its CLIP part only; the
 Flash SD3 recipe's T5 slot (flash-training.md sec. 1.1: no T5, 77 zero tokens, CLIP features zero-padded to
 4096, 154 tokens in all) is rebuilt at load time by `assemble_context`, which is exactly what
 `TextEncoders.encode` returns without T5.
@@ -31,6 +31,11 @@ from .data import DataError, Example, Problem, load_image
 CACHE_VERSION = 1
 CLIP_TOKENS = 77  # CLIP's context length
 T5_TOKENS = 77  # zero tokens of the T5 slot (Flash SD3: tokenizer_max_length 77, text_encoder_3=None)
+# The negative prompt of every CFG call in Flash SD3's distillation, for all three encoders
+# (gojasper/flash-diffusion src/flash/models/flash_sd3/flash_diffusion_model.py L207-209).
+FLASH_NEGATIVE_PROMPT = ("deformed, distorted, disfigured, poorly drawn, bad anatomy, wrong anatomy, extra limb, "
+                         "missing limb, floating limbs, mutated hands and fingers, disconnected limbs, mutation, "
+                         "mutated, ugly, disgusting, blurry, amputation, NSFW")
 
 
 class CacheError(ValueError):
@@ -151,10 +156,12 @@ def posterior_samples(posterior, indices: list[int], seed: int) -> torch.Tensor:
 
 def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, text, *, shard_size: int = 256,
                   batch_size: int = 8, skip_bad: bool = False, skipped: list[Problem] = (),
-                  sample_prompts: list[str] | None = None, progress: Callable[[int], None] | None = None) -> dict:
+                  sample_prompts: list[str] | None = None, progress: Callable[[int], None] | None = None,
+                  negative_prompt: str = FLASH_NEGATIVE_PROMPT) -> dict:
     """Encode `examples` into `folder` (resuming an unfinished cache); returns the final cache.json record.
 
-    sample_prompts: fixed prompts for sample grids (default: the first four captions). progress(n) is called
+    sample_prompts: fixed prompts for sample grids (default: the first four captions). negative_prompt: the CFG
+    negative of Flash distillation (`negative.safetensors`; default the recipe's). progress(n) is called
     with the number of examples done after each shard (including shards found already written).
     """
     record = start_cache(folder, spec, examples, shard_size, list(skipped))
@@ -162,6 +169,8 @@ def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, t
         return record
     prompts = sample_prompts or [ex.caption for ex in examples[:4]]
     _save_tensors(folder / "empty.safetensors", encode_text(text, [""], spec.clip_width))
+    _save_tensors(folder / "negative.safetensors", encode_text(text, [negative_prompt], spec.clip_width),
+                  {"prompts": [negative_prompt]})
     _save_tensors(folder / "prompts.safetensors", encode_text(text, prompts, spec.clip_width), {"prompts": prompts})
     shards = []
     for k, first in enumerate(range(0, len(examples), shard_size)):
@@ -230,7 +239,7 @@ class CachedData:
         return assemble_context(clip, self.spec.context_dim, self.spec.t5_tokens)
 
     def prompt_file(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(context, pooled, prompts) of empty.safetensors or prompts.safetensors."""
+        """(context, pooled, prompts) of empty.safetensors, negative.safetensors or prompts.safetensors."""
         with safe_open(str(self.folder / name), "pt") as f:
             prompts = json.loads((f.metadata() or {}).get("prompts", '[""]'))
             return self.context(f.get_tensor("clip")), f.get_tensor("pooled"), prompts

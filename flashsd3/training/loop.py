@@ -62,6 +62,9 @@ class Task(Protocol):
     def save_final(self, out: Path) -> None:
         """Write the trained weights in their published layout (rank 0 only)."""
 
+    # Optional, instead of `loss`: update(module, batch, generator, optimizer, autocast) -> logs ("loss" first)
+    # makes the whole step itself (backward, gradient averaging over ranks, optimiser steps); flash.FlashTask.
+
 
 # Ranks ------------------------------------------------------------------------------------------
 
@@ -320,6 +323,8 @@ def _step(cfg, task, module, named, optimizer, data, ranks, step, autocast) -> d
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
     batch = Batch(latents, context, pooled, rows, cfg.batch_size, step)
+    if hasattr(task, "update"):  # an objective with its own update scheme (flash: alternating G and D steps)
+        return task.update(module, batch, step_generator(cfg.seed, step), optimizer, autocast)
     with autocast:
         loss, logs = task.loss(module, batch, step_generator(cfg.seed, step))
     loss.backward()

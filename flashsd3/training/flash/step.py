@@ -12,7 +12,7 @@ so a run sharded over ranks, or resumed, draws exactly what the single-process u
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -212,21 +212,36 @@ def discriminator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBat
 
 def flash_update(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step: int, seed: int,
                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                 sync: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
+                 sync: Callable[[torch.optim.Optimizer], None] | None = None, autocast=None, clip: float = 0.0) -> dict:
     """One batch of the alternating 1:1 scheme ([TR] L186-218): a generator pass and AdamW step on the adapters,
-    then a discriminator pass and AdamW step on the head. `sync(opt)` averages the optimiser's gradients over
-    ranks before its step (None: one process). Returns the logged scalars."""
+    then a discriminator pass and AdamW step on the head. opt_g and opt_d may be one optimiser holding both:
+    gradients are reset to None before each pass and AdamW skips parameters without one. `sync(opt)` averages
+    gradients over ranks before a step (None: one process); `autocast` wraps the forward passes; clip > 0 clips
+    each pass's gradient norm. Returns the logged scalars."""
+    autocast = autocast if autocast is not None else nullcontext()
     opt_g.zero_grad(set_to_none=True)
-    loss_g, g = generator_loss(models, recipe, batch, step, seed)
-    loss_g.backward()
-    if sync is not None:
-        sync(opt_g)
-    opt_g.step()
     opt_d.zero_grad(set_to_none=True)
-    loss_d, d = discriminator_loss(models, recipe, batch, step, seed, reuse=g if recipe.d_pass == "reuse" else None)
+    with autocast:
+        loss_g, g = generator_loss(models, recipe, batch, step, seed)
+    loss_g.backward()
+    norm_g = _finish(opt_g, sync, clip)
+    opt_g.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)
+    with autocast:
+        loss_d, d = discriminator_loss(models, recipe, batch, step, seed,
+                                       reuse=g if recipe.d_pass == "reuse" else None)
     loss_d.backward()
-    if sync is not None:
-        sync(opt_d)
-    opt_d.step()
+    norm_d = _finish(opt_d, sync, clip)
+    opt_d.zero_grad(set_to_none=True)
     scalars = {name: float(v) for name, v in {**g.losses, **d.losses}.items()}
-    return {**scalars, "k": g.k, "w": g.guidance, "phase": recipe.phase(step)}
+    return {**scalars, "grad_norm": norm_g, "grad_norm_d": norm_d, "k": g.k, "w": g.guidance,
+            "phase": recipe.phase(step)}
+
+
+def _finish(opt: torch.optim.Optimizer, sync, clip: float) -> float:
+    if sync is not None:
+        sync(opt)
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    opt.step()
+    return float(norm)
