@@ -215,3 +215,60 @@ def test_flash_update_runs_every_phase_and_is_deterministic():
     assert [log["phase"] for log in logs] == [0, 1, 2, 3]
     assert "dmd" not in logs[0] and "adv" not in logs[0] and "dmd" in logs[1] and "d" in logs[0]
     assert logs == run()
+
+
+def _lora_models(recipe):
+    from flashsd3.lora import add_lora
+    from flashsd3.training.flash import make_head, mmdit_flash_models
+
+    model = _tiny(0).float().requires_grad_(False)
+    torch.manual_seed(5)
+    add_lora(model, rank=4, alpha=4.0, targets="all-linear")
+    head = make_head(recipe, model, 8)
+    return model, head, mmdit_flash_models(model, head, recipe)
+
+
+def test_lora_student_at_init_is_the_teacher_and_steps_touch_only_their_own():
+    from flashsd3.lora import lora_parameters
+
+    recipe = FlashRecipe(K=4, phase_batches=(0, 0, 0), guidance=(2.0, 3.0))
+    model, head, models = _lora_models(recipe)
+    b = _batch()
+    sigma = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        want = b.x0 - sigma.view(-1, 1, 1, 1) * models.teacher(b.x0, sigma * 1000, *b.cond)
+    torch.testing.assert_close(student_x0(models.student, b.x0, sigma, b.cond), want, rtol=0, atol=0)  # B = 0
+    lora, base = lora_parameters(model), [p for p in model.parameters() if not p.requires_grad]
+    opt_g, opt_d = torch.optim.AdamW(lora, lr=1e-2), torch.optim.AdamW(head.parameters(), lr=1e-2)
+    def snap(ps):
+        return [p.detach().clone() for p in ps]
+
+    base0, lora0, head0 = snap(base), snap(lora), snap(head.parameters())
+    loss, _ = generator_loss(models, recipe, b, 0, seed=1)
+    loss.backward()
+    assert all(p.grad is None for p in head.parameters()) and all(p.grad is None for p in base)
+    opt_g.step()
+    opt_g.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, p) for a, p in zip(head0, head.parameters()))
+    lora1 = snap(lora)
+    loss, _ = discriminator_loss(models, recipe, b, 0, seed=1)
+    loss.backward()
+    assert all(p.grad is None for p in lora)
+    opt_d.step()
+    assert all(torch.equal(a, p) for a, p in zip(lora1, lora)) and all(torch.equal(a, p) for a, p in zip(base0, base))
+    assert any(not torch.equal(a, p) for a, p in zip(lora0, lora))
+    assert any(not torch.equal(a, p) for a, p in zip(head0, head.parameters()))
+
+
+def test_mid_block_features_option():
+    recipe = FlashRecipe(K=4, phase_batches=(0, 0, 0), guidance=(2.0, 3.0), disc_input="blocks", disc_blocks=(0, 1))
+    from flashsd3.lora import lora_parameters
+
+    model, head, models = _lora_models(recipe)
+    b = _batch()
+    feats = models.features(b.x0, torch.full((2,), 500.0), *b.cond)
+    assert feats.shape == (2, 2 * TINY.hidden_size, 4, 4)  # two blocks' image tokens on the 4x4 token grid
+    assert head(feats).shape == (2, 1)
+    logs = flash_update(models, recipe, b, 0, 0, torch.optim.AdamW(lora_parameters(model)),
+                        torch.optim.AdamW(head.parameters()))
+    assert logs["grad_norm"] > 0 and logs["grad_norm_d"] > 0 and "adv" in logs  # G gradient through the blocks
