@@ -1,0 +1,175 @@
+"""Scoring generated toy images: a classifier for prompt adherence and a Frechet distance in its features.
+
+The classifier is a small CNN trained on fresh procedural data; it reads each attribute (shape, colour,
+position) from an image. Adherence = the fraction of samples whose three attributes all match the prompt.
+Its 128-d penultimate activations are the feature space of the Frechet distance (the FID recipe, Heusel et
+al. 2017, with this toy's own network in place of Inception): FD = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2),
+computed in float64.
+
+`ToyEvaluator` fixes the evaluation set once (prompts, starting noise, held-out data and its features) so
+every row of a results table is scored on the same prompts and the same noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import ATTRIBUTES, balanced_labels, make_batch, make_dataset
+
+FEATURE_DIM = 128
+ATTRIBUTE_NAMES = ("shape", "colour", "position")
+
+
+class ToyClassifier(nn.Module):
+    """(B, 3, 16, 16) images in [-1, 1] -> features (B, 128) and logits per attribute."""
+
+    def __init__(self, resolution: int = 16):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.AvgPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(), nn.AvgPool2d(2),
+        )
+        self.fc = nn.Linear(64 * (resolution // 4) ** 2, FEATURE_DIM)  # flattened: keeps where things are
+        self.heads = nn.ModuleList(nn.Linear(FEATURE_DIM, len(values)) for values in ATTRIBUTES)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(self.conv(images).flatten(1)))  # (B, 128)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = self.features(images)
+        return feats, [head(feats) for head in self.heads]
+
+
+def train_classifier(seed: int, *, steps: int = 800, batch: int = 128, lr: float = 2e-3,
+                     resolution: int = 16) -> ToyClassifier:
+    """Train on fresh procedural batches (AdamW, cosine decay); returns the classifier in eval mode."""
+    torch.manual_seed(seed)
+    model = ToyClassifier(resolution)
+    gen = torch.Generator().manual_seed(seed + 7919)  # its own data stream, not the teacher's
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(steps):
+        images, labels = make_batch(batch, gen, resolution)
+        _, logits = model(images)
+        loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(classifier: ToyClassifier, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (features (N, 128) float32, predicted labels (N, 3))."""
+    feats, preds = [], []
+    for chunk in images.split(batch):
+        f, logits = classifier(chunk.float())
+        feats.append(f)
+        preds.append(torch.stack([lg.argmax(1) for lg in logits], dim=1))
+    return torch.cat(feats), torch.cat(preds)
+
+
+def accuracies(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Per-attribute accuracy and `adherence` (all three right), as fractions."""
+    right = pred == labels
+    out = {f"{name}_acc": right[:, i].float().mean().item() for i, name in enumerate(ATTRIBUTE_NAMES)}
+    out["adherence"] = right.all(1).float().mean().item()
+    return out
+
+
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of (N, D) features, in float64."""
+    x = feats.detach().to(torch.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got {tuple(x.shape)}")
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
+
+
+def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), float64.
+
+    tr((S1 S2)^1/2) = sum of sqrt(eigenvalues of S1^1/2 S2 S1^1/2), a symmetric PSD matrix with the same
+    eigenvalues as S1 S2; symmetric eigensolvers avoid the complex parts scipy's sqrtm can return.
+    """
+    mu1, s1, mu2, s2 = (t.to(torch.float64) for t in (mu1, s1, mu2, s2))
+    r1 = _sqrt_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return (diff @ diff + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def frechet_distance_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+@dataclass
+class EvalSet:
+    """The fixed evaluation set: prompts, starting noise, held-out data (two independent draws)."""
+
+    labels: torch.Tensor  # (N, 3) balanced over the 48 captions
+    noise: torch.Tensor  # (N, 3, R, R) starting noise for every sampler row
+    data: torch.Tensor  # (N, 3, R, R) held-out real images of the same prompts' distribution
+    data_labels: torch.Tensor
+    floor: torch.Tensor  # a second held-out draw: the FD between two data samples (the noise floor)
+    floor_labels: torch.Tensor
+
+
+def make_eval_set(n: int = 2000, resolution: int = 16, seed: int = 2024) -> EvalSet:
+    """Fixed seeds, independent of the training seed, so runs with different --seed compare."""
+    noise = torch.randn(n, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    data, data_labels = make_dataset(n, seed + 1, resolution)
+    floor, floor_labels = make_dataset(n, seed + 2, resolution)
+    return EvalSet(balanced_labels(n), noise, data, data_labels, floor, floor_labels)
+
+
+class ToyEvaluator:
+    """Scores (N, 3, R, R) generated images for the eval set's prompts: adherence, accuracies, fd_data, fd_ref."""
+
+    def __init__(self, classifier: ToyClassifier, eval_set: EvalSet):
+        self.classifier, self.eval_set = classifier, eval_set
+        self.data_feats, _ = classify(classifier, eval_set.data)
+        self.data_stats = gaussian_stats(self.data_feats)
+        self.ref_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_reference(self, images: torch.Tensor) -> None:
+        """The reference samples (the teacher's many-step CFG) that `fd_ref` compares against."""
+        self.ref_stats = gaussian_stats(classify(self.classifier, images)[0])
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        labels = self.eval_set.labels if labels is None else labels
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images for {labels.shape[0]} prompts")
+        feats, pred = classify(self.classifier, images)
+        stats = gaussian_stats(feats)
+        out = accuracies(pred, labels)
+        out["fd_data"] = frechet_distance(*stats, *self.data_stats)
+        out["fd_ref"] = frechet_distance(*stats, *self.ref_stats) if self.ref_stats is not None else float("nan")
+        out["num_samples"] = int(images.shape[0])
+        return out
+
+
+def save_classifier(classifier: ToyClassifier, path: str | Path) -> None:
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(path))
+
+
+def load_classifier(path: str | Path, resolution: int = 16) -> ToyClassifier:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"toy classifier file not found: {path}")
+    model = ToyClassifier(resolution)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval()

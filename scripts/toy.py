@@ -1,0 +1,273 @@
+"""The toy world on a CPU: train a tiny MMDiT teacher from scratch, then score its samplers.
+
+    python scripts/toy.py --seed 0 --out runs/toy0            # the reference run (~15-40 min on 2 cores)
+    python scripts/toy.py --seed 0 --out runs/quick --quick   # a smoke run (about a minute)
+    python scripts/toy.py --teacher runs/toy0/teacher.safetensors --out runs/eval   # re-score a trained teacher
+
+Writes OUT/results.json (one entry per row), OUT/RESULTS.md, OUT/loss.png, OUT/samples_<row>.png and the
+checkpoints OUT/teacher.safetensors + OUT/classifier.safetensors (not meant for git).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flashsd3.toy.data import NUM_CAPTIONS, caption
+from flashsd3.toy.evaluate import (
+    ToyEvaluator,
+    accuracies,
+    classify,
+    load_classifier,
+    make_eval_set,
+    save_classifier,
+    train_classifier,
+)
+from flashsd3.toy.model import generate, load_teacher, save_teacher
+from flashsd3.toy.plots import image_grid, line_plot
+from flashsd3.toy.train import QUICK_RECIPE, TeacherRecipe, train_teacher
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    num_samples: int = 2000  # fixed prompts (balanced over the 48 captions) and fixed noise
+    ref_steps: int = 32  # the reference: many Euler steps with CFG
+    few_steps: int = 4
+    guidance: float = 3.0  # CFG scale of the reference and teacher_4_cfg rows
+    shift: float = 3.0  # sampling grid shift (SD3's; 4 steps -> sigmas [1, .858, .602, .009, 0])
+    sweep: tuple[float, ...] = (1.5, 2.0, 4.0, 5.0)  # guidance sweep (informative, 240 other seeds, 16 steps)
+    sweep_steps: int = 16
+    classifier_steps: int = 400
+
+
+QUICK_PLAN = EvalPlan(num_samples=240, ref_steps=8, sweep=(), classifier_steps=150)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="training seed (teacher init and data, classifier)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="minutes-long smoke version (tiny budgets)")
+    p.add_argument("--teacher", type=Path, help="reuse a trained teacher file instead of training one")
+    p.add_argument("--classifier", type=Path, help="reuse a trained classifier file")
+    p.add_argument("--steps", type=int, help="override the teacher's training steps")
+    p.add_argument("--guidance", type=float, help="override the CFG scale of the reference rows")
+    p.add_argument("--num-samples", type=int, help="override the number of evaluation samples")
+    p.add_argument("--classifier-steps", type=int, help="override the classifier's training steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = path.open("a")
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def get_classifier(args, plan: EvalPlan, log: Log):
+    if args.classifier is not None:
+        return load_classifier(args.classifier), 0.0
+    t0 = time.perf_counter()
+    clf = train_classifier(args.seed, steps=plan.classifier_steps)
+    save_classifier(clf, args.out / "classifier.safetensors")
+    log(f"classifier trained in {time.perf_counter() - t0:.0f}s")
+    return clf, time.perf_counter() - t0
+
+
+def get_teacher(args, recipe: TeacherRecipe, evaluator: ToyEvaluator, log: Log):
+    """Train (with a quick adherence check every 500 steps) or load the teacher."""
+    if args.teacher is not None:
+        model, text = load_teacher(args.teacher)
+        return model, text, [], [], 0.0
+    es, checks = evaluator.eval_set, []
+    n = min(192, es.labels.shape[0])
+
+    def monitor(step, model, text):
+        imgs = generate(model, text, es.labels[:n], es.noise[:n], steps=16, guidance=3.0)
+        acc = accuracies(classify(evaluator.classifier, imgs)[1], es.labels[:n])
+        checks.append({"step": step, **acc})
+        log(f"  check at step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+    result = train_teacher(recipe, args.seed, monitor=monitor, log=log)
+    save_teacher(result.model, result.text, args.out / "teacher.safetensors",
+                 recipe=json.dumps(asdict(recipe)), seed=str(args.seed))
+    return result.model, result.text, result.losses, checks, result.wall_s
+
+
+def teacher_rows(model, text, evaluator: ToyEvaluator, plan: EvalPlan, log: Log) -> tuple[dict, dict]:
+    """Score the teacher's samplers; returns ({row: metrics}, {row: images})."""
+    es = evaluator.eval_set
+    specs = {  # row -> (steps, guidance)
+        "teacher_cfg_ref": (plan.ref_steps, plan.guidance),
+        "teacher_nocfg": (plan.ref_steps, 1.0),
+        "teacher_4_cfg": (plan.few_steps, plan.guidance),
+        "teacher_4_nocfg": (plan.few_steps, 1.0),
+    }
+    rows, images = {}, {}
+    for name, (steps, g) in specs.items():
+        t0 = time.perf_counter()
+        images[name] = generate(model, text, es.labels, es.noise, steps=steps, guidance=g, shift=plan.shift)
+        if name == "teacher_cfg_ref":
+            evaluator.set_reference(images[name])
+        nfe = steps * (2 if g > 1 else 1)
+        rows[name] = {**evaluator.score(images[name]), "steps": steps, "guidance": g, "nfe": nfe,
+                      "sampler": "euler", "wall_s": round(time.perf_counter() - t0, 1)}
+        log(f"{name}: " + fmt_row(rows[name]))
+    rows["data_heldout"] = {**evaluator.score(es.floor, es.floor_labels), "steps": 0, "guidance": 0.0,
+                            "nfe": 0, "sampler": "data", "wall_s": 0.0}
+    images["data_heldout"] = es.floor
+    return rows, images
+
+
+def guidance_sweep(model, text, evaluator: ToyEvaluator, plan: EvalPlan, log: Log) -> list[dict]:
+    """Adherence vs the CFG scale at plan.sweep_steps, on 240 prompts with other noise seeds."""
+    if not plan.sweep:
+        return []
+    gen = torch.Generator().manual_seed(777)
+    labels = evaluator.eval_set.labels[:240]
+    noise = torch.randn((240, *evaluator.eval_set.noise.shape[1:]), generator=gen)
+    out = []
+    for g in plan.sweep:
+        imgs = generate(model, text, labels, noise, steps=plan.sweep_steps, guidance=g, shift=plan.shift)
+        _, pred = classify(evaluator.classifier, imgs)
+        out.append({"guidance": g, **accuracies(pred, labels)})
+        log(f"sweep guidance {g}: adherence {out[-1]['adherence']:.3f}")
+    return out
+
+
+def fmt_row(r: dict) -> str:
+    return (f"adherence {r['adherence']:.3f} (shape {r['shape_acc']:.3f} colour {r['colour_acc']:.3f} "
+            f"position {r['position_acc']:.3f}) fd_data {r['fd_data']:.2f} fd_ref {r['fd_ref']:.2f}")
+
+
+ROW_NOTES = {
+    "teacher_cfg_ref": "the reference: many Euler steps, CFG",
+    "teacher_nocfg": "many Euler steps, no CFG",
+    "teacher_4_cfg": "4 Euler steps, CFG (8 model calls)",
+    "teacher_4_nocfg": "4 Euler steps, no CFG",
+    "data_heldout": "held-out real data (classifier accuracy; FD floor between two data draws)",
+}
+
+
+def results_table(rows: dict) -> str:
+    lines = ["| row | NFE | adherence | shape | colour | position | fd_data | fd_ref | what |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        lines.append(f"| `{name}` | {r['nfe']} | {100 * r['adherence']:.1f}% | {100 * r['shape_acc']:.1f}% | "
+                     f"{100 * r['colour_acc']:.1f}% | {100 * r['position_acc']:.1f}% | {r['fd_data']:.2f} | "
+                     f"{r['fd_ref']:.2f} | {ROW_NOTES.get(name, '')} |")
+    return "\n".join(lines)
+
+
+def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cmd = "python scripts/toy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% |"
+                         for s in sweep)
+    checks_md = "\n".join(f"| {c['step']} | {100 * c['adherence']:.1f}% | {100 * c['shape_acc']:.1f}% | "
+                          f"{100 * c['colour_acc']:.1f}% | {100 * c['position_acc']:.1f}% |" for c in checks)
+    text = f"""# Toy world: teacher results
+
+Command: `{cmd}`
+Date: {now:%Y-%m-%d %H:%M} UTC. Machine: {platform.machine()}, {platform.processor() or 'CPU'}, \
+torch {torch.__version__}, {torch.get_num_threads()} threads (CPU shared with other jobs: times are wall-clock).
+Wall time: total {walls['total']:.0f} s (classifier {walls['classifier']:.0f} s, teacher training \
+{walls['teacher']:.0f} s, evaluation {walls['eval']:.0f} s).
+
+## Recipe
+- Data: procedural 16x16 RGB in pixel space (no VAE), one shape per image: {NUM_CAPTIONS} captions = 3 shapes x
+  4 colours x 4 positions (quadrants), e.g. "{caption((0, 0, 0))}"; colour, size, position jitter, textured
+  background (`flashsd3/toy/data.py`). Training draws fresh batches from the seed's generator.
+- Teacher: `flashsd3.mmdit.MMDiT` (depth 4, 4 heads x 32 = width 128, patch 4, 3 channels), DiT init; text as
+  learnt attribute tokens (3 context tokens of 64 + pooled 192, a learnt empty row for CFG).
+- Training: {json.dumps(asdict(recipe))}; flow-matching loss (`flashsd3.training.objectives`),
+  caption dropout to the empty prompt, EMA weights sampled.
+- Sampling: flow-matching Euler on SD3's shifted grid (shift {plan.shift}); CFG scale {plan.guidance} against the
+  learnt empty prompt.
+- Evaluation: {plan.num_samples} samples, prompts cycling through all captions, noise from a fixed seed
+  (independent of --seed); a CNN classifier trained on procedural data ({plan.classifier_steps} steps) reads
+  shape / colour / position; adherence = all three right. FD = Frechet distance of its 128-d features
+  (float64) to {plan.num_samples} held-out data images (`fd_data`) and to the reference row's samples (`fd_ref`).
+
+## Results
+{results_table(rows)}
+
+## Guidance sweep ({plan.sweep_steps} steps, 240 prompts, other noise seeds)
+| guidance | adherence | shape |
+|---:|---:|---:|
+{sweep_md}
+
+## Training checks (EMA weights, 16 Euler steps, CFG 3, first 192 eval prompts)
+| step | adherence | shape | colour | position |
+|---:|---:|---:|---:|---:|
+{checks_md}
+
+Plots: `loss.png` (training loss), `samples_<row>.png` (first 96 samples of each row; prompts in order
+shape, colour, position cycling, as `flashsd3.toy.data.balanced_labels`).
+"""
+    path.write_text(text)
+
+
+def smooth(values: list[float], window: int = 50) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = QUICK_RECIPE if args.quick else TeacherRecipe()
+    plan = QUICK_PLAN if args.quick else EvalPlan()
+    if args.steps is not None:
+        recipe = TeacherRecipe(**{**asdict(recipe), "steps": args.steps})
+    overrides = {"guidance": args.guidance, "num_samples": args.num_samples,
+                 "classifier_steps": args.classifier_steps}
+    plan = EvalPlan(**{**asdict(plan), **{k: v for k, v in overrides.items() if v is not None}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "log.txt")
+    t_start = time.perf_counter()
+
+    classifier, t_clf = get_classifier(args, plan, log)
+    evaluator = ToyEvaluator(classifier, make_eval_set(plan.num_samples))
+    model, text, losses, checks, t_teacher = get_teacher(args, recipe, evaluator, log)
+    t0 = time.perf_counter()
+    rows, images = teacher_rows(model, text, evaluator, plan, log)
+    sweep = guidance_sweep(model, text, evaluator, plan, log)
+    t_eval = time.perf_counter() - t0
+
+    for name, imgs in images.items():
+        image_grid(imgs[:96], args.out / f"samples_{name}.png", columns=12)
+    if losses:
+        line_plot({"loss": losses, "loss (50-step mean)": smooth(losses)}, args.out / "loss.png",
+                  title="teacher flow-matching loss")
+    walls = {"total": time.perf_counter() - t_start, "classifier": t_clf, "teacher": t_teacher, "eval": t_eval}
+    meta = {"seed": args.seed, "quick": args.quick, "recipe": asdict(recipe), "plan": asdict(plan),
+            "teacher_file": str(args.teacher or args.out / "teacher.safetensors"), "wall_s": walls,
+            "guidance_sweep": sweep, "training_checks": checks}
+    (args.out / "results.json").write_text(json.dumps({**rows, "_meta": meta}, indent=2) + "\n")
+    write_results_md(args.out / "RESULTS.md", args=args, recipe=recipe, plan=plan, rows=rows, sweep=sweep,
+                     checks=checks, walls=walls)
+    log(f"done in {walls['total']:.0f}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The toy world: dataset determinism and caption/pixel agreement, the evaluator (classifier, Frechet
+distance against float64 formulas), the teacher file round trip, and a smoke run of scripts/toy.py."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashsd3.toy.data import COLOURS, PALETTE, POSITIONS, SHAPES, balanced_labels, caption, make_dataset, render
+from flashsd3.toy.evaluate import (
+    accuracies,
+    classify,
+    frechet_distance,
+    frechet_distance_features,
+    gaussian_stats,
+    train_classifier,
+)
+from flashsd3.toy.model import AttributeText, build_teacher, generate, load_teacher, save_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dataset_is_deterministic_from_its_seed():
+    a, la = make_dataset(64, seed=5)
+    b, lb = make_dataset(64, seed=5)
+    c, _ = make_dataset(64, seed=6)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert a.shape == (64, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+
+
+def test_caption_text():
+    assert caption((0, 0, 0)) == "a red circle at the top left"
+    assert caption(torch.tensor([2, 3, 3])) == "a yellow triangle at the bottom right"
+    labels = balanced_labels(48)
+    assert len({caption(row) for row in labels}) == len(SHAPES) * len(COLOURS) * len(POSITIONS) == 48
+
+
+def _shape_pixels(img01: torch.Tensor) -> torch.Tensor:
+    """Saturated pixels: the background is near-grey (channel spread < 0.25), every palette colour is not."""
+    spread = img01.max(0).values - img01.min(0).values
+    return spread > 0.3
+
+
+def test_captions_match_the_pixels():
+    """Read each attribute back from the pixels with hand-written rules: colour = nearest palette entry of
+    the saturated pixels' mean, position = quadrant of their centroid, shape = how much of their bounding
+    box they fill (square 1, circle pi/4, triangle ~0.55), at 64x64 where edges are a small part of it."""
+    labels = balanced_labels(96)
+    images = (render(labels, torch.Generator().manual_seed(0), resolution=64) + 1) / 2
+    for img, (shape, colour, pos) in zip(images, labels.tolist()):
+        mask = _shape_pixels(img)
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        mean_rgb = img[:, mask].mean(1)
+        assert (PALETTE - mean_rgb).norm(dim=1).argmin().item() == colour, caption((shape, colour, pos))
+        quadrant = int(ys.float().mean() >= 32) * 2 + int(xs.float().mean() >= 32)
+        assert quadrant == pos, caption((shape, colour, pos))
+        fill = mask.sum().item() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)).item()
+        read = 1 if fill > 0.9 else (0 if fill > 0.66 else 2)
+        assert read == shape, f"{caption((shape, colour, pos))}: fill {fill:.3f}"
+
+
+def test_render_rejects_bad_labels():
+    with pytest.raises(ValueError, match="colour labels"):
+        render(torch.tensor([[0, 4, 0]]), torch.Generator())
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        render(torch.tensor([0, 1, 2]), torch.Generator())
+
+
+def test_classifier_reads_held_out_data():
+    """A classifier trained briefly in the test (300 steps) reads held-out procedural data; the full run
+    trains it 500 steps at batch 128 (results.json row data_heldout: its accuracy on 2000 held-out images)."""
+    clf = train_classifier(seed=0, steps=300, batch=64)
+    images, labels = make_dataset(512, seed=99)
+    _, pred = classify(clf, images)
+    acc = accuracies(pred, labels)
+    assert acc["colour_acc"] > 0.98 and acc["position_acc"] > 0.98, acc
+    assert acc["shape_acc"] > 0.9 and acc["adherence"] > 0.9, acc
+
+
+def test_frechet_distance_identical_sets_is_zero():
+    feats = torch.randn(500, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
+    # exact in exact arithmetic; float64 eigen-solvers leave ~1e-13 relative to tr(S) ~ 150
+    assert abs(frechet_distance_features(feats, feats)) < 1e-9
+
+
+def test_frechet_distance_matches_closed_forms():
+    gen = torch.Generator().manual_seed(1)
+    D = 6
+    mu1, mu2 = torch.randn(D, generator=gen, dtype=torch.float64), torch.randn(D, generator=gen, dtype=torch.float64)
+    a, b = torch.rand(D, generator=gen, dtype=torch.float64) + 0.1, torch.rand(D, generator=gen, dtype=torch.float64)
+    # commuting (diagonal) covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    expected = ((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum()
+    got = frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+    assert abs(got - expected.item()) < 1e-12 * max(1.0, expected.item())
+    # same covariance: only the means count
+    s = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    s = s @ s.T + 0.1 * torch.eye(D, dtype=torch.float64)
+    assert abs(frechet_distance(mu1, s, mu2, s) - ((mu1 - mu2) ** 2).sum().item()) < 1e-10
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    linalg = pytest.importorskip("scipy.linalg", reason="scipy gives the reference matrix square root")
+    gen = torch.Generator().manual_seed(2)
+    D = 8
+    m1, m2 = (torch.randn(D, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    s1, s2 = m1 @ m1.T + 0.05 * torch.eye(D, dtype=torch.float64), m2 @ m2.T
+    mu1, mu2 = torch.randn(D, generator=gen, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy()).real  # the FID reference formula (pytorch-fid)
+    expected = ((mu1 - mu2) ** 2).sum().item() + (s1.trace() + s2.trace()).item() - 2 * covmean.trace()
+    assert abs(frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9 * max(1.0, abs(expected))
+
+
+def test_gaussian_stats_match_torch_cov():
+    feats = torch.randn(50, 5, generator=torch.Generator().manual_seed(3))
+    mu, cov = gaussian_stats(feats)
+    assert torch.allclose(cov, torch.cov(feats.double().T), rtol=0, atol=1e-14)
+    assert torch.allclose(mu, feats.double().mean(0), rtol=0, atol=1e-15)
+
+
+def test_attribute_text_empty_prompt_and_errors():
+    text = AttributeText()
+    ctx, pooled = text(torch.tensor([[0, 1, 2], [-1, -1, -1]]))
+    e_ctx, e_pooled = text.empty(1)
+    assert ctx.shape == (2, 3, 64) and pooled.shape == (2, 192)
+    assert torch.equal(ctx[1:], e_ctx) and torch.equal(pooled[1:], e_pooled)
+    with pytest.raises(ValueError, match="label column 1"):
+        text(torch.tensor([[0, 4, 0]]))
+
+
+def test_teacher_file_round_trip(tmp_path):
+    model, text = build_teacher(seed=0)
+    with torch.no_grad():  # the DiT init zeroes the output; perturb so the comparison means something
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "teacher.safetensors"
+    save_teacher(model, text, path, seed="0")
+    model2, text2 = load_teacher(path)
+    labels, noise = balanced_labels(4), torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = generate(model.eval(), text.eval(), labels, noise, steps=2, guidance=2.0)
+    b = generate(model2, text2, labels, noise, steps=2, guidance=2.0)
+    assert torch.equal(a, b)  # same weights, same ops: bitwise
+    with pytest.raises(FileNotFoundError, match="toy teacher"):
+        load_teacher(tmp_path / "missing.safetensors")
+
+
+def test_toy_script_smoke(tmp_path):
+    """scripts/toy.py end to end on minimal budgets: files written, every teacher row present."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "scripts/toy.py"), "--quick", "--out", str(tmp_path), "--steps", "3",
+           "--num-samples", "48", "--classifier-steps", "3", "--threads", "1"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    results = json.loads((tmp_path / "results.json").read_text())
+    for row in ("teacher_cfg_ref", "teacher_nocfg", "teacher_4_cfg", "teacher_4_nocfg", "data_heldout"):
+        assert {"adherence", "fd_data", "fd_ref", "shape_acc", "colour_acc", "position_acc"} <= set(results[row])
+        assert (tmp_path / f"samples_{row}.png").is_file()
+    assert results["teacher_cfg_ref"]["fd_ref"] == pytest.approx(0, abs=1e-6)
+    for name in ("RESULTS.md", "loss.png", "teacher.safetensors", "classifier.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    model, text = load_teacher(tmp_path / "teacher.safetensors")
+    assert model.config.depth == 4 and model.config.hidden_size == 128
