@@ -27,7 +27,7 @@ from ..training.flash import (
     mmdit_flash_models,
 )
 from .data import make_batch, random_labels, render
-from .model import generate, load_teacher
+from .model import load_teacher
 
 
 @dataclass(frozen=True)
@@ -169,12 +169,6 @@ def teacher_no_adapter_samples(model, text, labels, noise, steps: int, shift: fl
         return flash_samples(model, text, labels, noise, steps, shift)
 
 
-def reference_samples(model, text, labels, noise, steps: int, guidance: float, shift: float) -> torch.Tensor:
-    """The teacher's many-step CFG samples (the reference row) for the probe."""
-    with lora_disabled(model):
-        return generate(model, text, labels, noise, steps=steps, guidance=guidance, shift=shift)
-
-
 STUDENT_ROWS = {  # row -> (run, Flash steps); student_init is the model with its adapters off
     "student_init": ("student", 4),
     "student_1": ("student", 1),
@@ -193,8 +187,8 @@ ROW_NOTES = {
 }
 
 
-def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFlashRecipe, *, ref_steps: int,
-                 ref_guidance: float, log=print) -> tuple[dict, dict, dict, dict]:
+def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFlashRecipe, *,
+                 log=print) -> tuple[dict, dict, dict, dict]:
     """Distil the three variants and score the student rows on the evaluator's set (its prompts and noise).
     Returns (rows, images, histories per run, wall seconds per part)."""
     es, walls = evaluator.eval_set, {}
@@ -252,3 +246,48 @@ def plot_histories(histories: dict, recipe: ToyFlashRecipe, out, smooth) -> list
                   xlabel=f"probe (every {recipe.probe_every} steps)", title=f"{run}: student 1-step paired L2")
         names += [f"flash_{run}_{p}.png" for p in ("losses", "discriminator", "paired_l2")]
     return names
+
+
+def target_checks(rows: dict) -> dict[str, dict]:
+    """The issue's targets for student_4 against the reference (teacher_cfg_ref) and teacher 4-step CFG."""
+    ref, s4, t4 = rows["teacher_cfg_ref"], rows["student_4"], rows["teacher_4_cfg"]
+    return {
+        "fd_data within 1.5x the reference's": {"value": s4["fd_data"], "bound": 1.5 * ref["fd_data"],
+                                                "ok": s4["fd_data"] <= 1.5 * ref["fd_data"]},
+        "adherence within 5 points of the reference's": {
+            "value": 100 * s4["adherence"], "bound": 100 * ref["adherence"] - 5,
+            "ok": abs(s4["adherence"] - ref["adherence"]) <= 0.05},
+        "fd_data below teacher 4-step CFG's (8 calls)": {"value": s4["fd_data"], "bound": t4["fd_data"],
+                                                         "ok": s4["fd_data"] < t4["fd_data"]},
+    }
+
+
+def flash_markdown(rows: dict, recipe: ToyFlashRecipe, walls: dict, plots: list[str]) -> str:
+    checks = target_checks(rows)
+    check_md = "\n".join(f"| {name} | {c['value']:.2f} | {c['bound']:.2f} | {'yes' if c['ok'] else '**no**'} |"
+                         for name, c in checks.items())
+    start = (f"a bank of {recipe.bank} precomputed teacher CFG trajectories (option, not the recipe: start points "
+             "lie on teacher trajectories, targets are their ends)" if recipe.bank else
+             "data noised at sigma_k, target solved live by the teacher (the recipe)")
+    wall = ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+    return f"""## Flash distillation (student rows)
+- Method: `flashsd3.training.flash` (the released SD3 recipe's phases, mixture, losses and 1:1 G/D AdamW
+  updates), in pixel space with L2 distillation; student = the teacher + LoRA on every linear (rank
+  {recipe.rank}, alpha {recipe.alpha}); teacher = the same module with the adapters off.
+- Settings: {recipe.steps} batches of {recipe.batch} (4 phases of {recipe.steps // 4}), AdamW lr {recipe.lr},
+  weight decay {recipe.weight_decay}; K = {recipe.K} (shift {recipe.shift}); guidance w ~ U{list(recipe.guidance)}
+  against the learnt empty prompt; start points: {start}; discriminator step on the generator pass's draws
+  (`d_pass={recipe.d_pass if not recipe.bank else 'reuse'}`); head width {recipe.head_width}.
+- Rows: `student_init` is the Flash sampler (4 steps, no CFG) on the untrained student (= the teacher);
+  `student_N` the distilled student with the Flash sampler at N steps; ablation `student_4_no_adv_dmd`
+  (lambda_adv = lambda_dmd = 0); `student_4_mid_features` (the discriminator reads teacher blocks' image tokens).
+  `paired_l2`: per-pixel mean squared difference to the reference sample from the same starting noise (the Flash
+  sampler's re-noise draws are fixed per step, the same for every row).
+- Wall time: {wall}.
+
+| target (student_4) | value | bound | met |
+|---|---:|---:|---|
+{check_md}
+
+Plots: {", ".join(f"`{p}`" for p in plots)}.
+"""
