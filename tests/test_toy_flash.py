@@ -2,7 +2,6 @@
 import torch
 
 from flashsd3.sampling import cfg_denoiser, flow_match_sigmas, sample_euler
-
 from flashsd3.toy.data import balanced_labels
 from flashsd3.toy.distill import ToyFlashRecipe, flash_samples, make_bank
 from flashsd3.toy.model import build_teacher, generate
