@@ -138,12 +138,12 @@ def measure(args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model, head, recipe, batch = build(args, device, dtype)
     runs = []
-    for i in range(args.iters + 1):  # the first is warm-up
+    for i in range(args.iters + 1):  # the first is warm-up (kept when --iters 0)
         timer = PartTimer(device)
         t0 = time.perf_counter()
         iteration(model, head, recipe, batch, args, timer)
         timer._sync()
-        if i > 0:
+        if i > 0 or args.iters == 0:
             runs.append({**timer.times, "total": time.perf_counter() - t0})
     parts = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per joint block")
     p.add_argument("--d-pass", choices=("fresh", "reuse"), default="fresh")
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up (0: time the first)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--budget", action="store_true", help="print the analytic memory budget and exit")
     args = p.parse_args(argv)

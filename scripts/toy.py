@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distil-batch", type=int, help="override the distillation batch size")
     p.add_argument("--bank", type=int, help="distil from a bank of N precomputed teacher trajectories (an option, "
                                             "not the recipe; 0 = the recipe: noised data and live teacher solves)")
+    p.add_argument("--modes", choices=("recipe", "sampler"), help="start-index mixture modes: the recipe's, or at "
+                                                                  "the 4-step sampler's sigmas (an option)")
     return p.parse_args(argv)
 
 
@@ -247,7 +249,8 @@ def smooth(values: list[float], window: int = 50) -> list[float]:
 
 def distil_recipe(args) -> distill.ToyFlashRecipe:
     base = QUICK_DISTIL if args.quick else DISTIL
-    overrides = {"steps": args.distil_steps, "batch": args.distil_batch, "bank": args.bank, "seed": args.seed}
+    overrides = {"steps": args.distil_steps, "batch": args.distil_batch, "bank": args.bank, "seed": args.seed,
+                 "modes": args.modes}
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 

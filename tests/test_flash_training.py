@@ -272,3 +272,51 @@ def test_mid_block_features_option():
     logs = flash_update(models, recipe, b, 0, 0, torch.optim.AdamW(lora_parameters(model)),
                         torch.optim.AdamW(head.parameters()))
     assert logs["grad_norm"] > 0 and logs["grad_norm_d"] > 0 and "adv" in logs  # G gradient through the blocks
+
+
+@pytest.mark.slow
+def test_sd3_medium_shape_one_g_and_d_step_on_cpu(tmp_path):
+    """One generator and one discriminator step on the SD3-medium-shaped model (random fp32 weights, flash-sd3
+    LoRA r 64 alpha 8) at 256x256 on the CPU with activation checkpointing; the saved adapter has the published
+    444-key layout. Prints the time of each part and the peak resident memory (run with -s)."""
+    import json
+    import resource
+    import sys
+    import time
+    from argparse import Namespace
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from flashsd3.lora import save_lora
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from bench_flash_step import (  # bench/bench_flash_step.py
+        PartTimer,
+        build,
+        iteration,
+    )
+
+    args = Namespace(model="sd3-medium", resolution=256, batch=1, K=4, k=0, rank=64, alpha=8.0, checkpointing=True,
+                     d_pass="reuse")
+    t0 = time.perf_counter()
+    model, head, recipe, batch = build(args, torch.device("cpu"), torch.float32)
+    built = time.perf_counter() - t0
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    timer = PartTimer(torch.device("cpu"))
+    iteration(model, head, recipe, batch, args, timer)  # k = 0: 4 teacher CFG calls
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    # B starts at 0, so A gets no gradient in the first step: every B moves
+    assert len(before) == 444 and {n for n in before if n.endswith(".B")} <= set(moved)
+    save_lora(model, tmp_path / "lora", name="default", format="peft")
+    keys = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    published = next((d / "shared" / "reference" / "flash_sd3_adapter_keys.tsv" for d in root.parents
+                      if (d / "shared" / "reference" / "flash_sd3_adapter_keys.tsv").is_file()), None)
+    assert len(keys) == 444
+    if published is not None:
+        want = {k: tuple(json.loads(s)) for k, s in (ln.split("\t") for ln in published.read_text().splitlines())}
+        assert {k: tuple(v.shape) for k, v in keys.items()} == want
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
+    print(json.dumps({"build_s": round(built, 1), "parts_s": {k: round(v, 1) for k, v in timer.times.items()},
+                      "peak_rss_gib": round(peak, 2), "threads": torch.get_num_threads()}))
