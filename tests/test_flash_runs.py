@@ -1,6 +1,7 @@
 """`flashsd3-train flash` end to end on the demo model: 2-rank torchrun against 1 process, a resumed run against
 an uninterrupted one, the saved adapter, the sample grid. Subprocesses with OMP_NUM_THREADS=1, as
 test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per phase) so every loss is exercised."""
+import importlib.util
 import json
 import os
 import shutil
@@ -126,4 +127,6 @@ def test_bad_flash_settings(cache, tmp_path, capsys):
     assert "lambda_adv needs 4 entries" in main(*base, "--lambda-adv", "0,1")
     assert "disc_blocks must be given exactly when" in main(*base, "--disc-input", "blocks")
     assert "--train-modules is not supported" in main(*base, "--train-modules", "joint_blocks.0.*")
+    if importlib.util.find_spec("lpips") is None:
+        assert "needs the `lpips` package" in main(*base, "--distill-loss", "lpips")
     assert not (tmp_path / "x").exists()

@@ -20,6 +20,18 @@ def distill_l2(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (_up(x0_hat) - _up(target)).pow(2).flatten(1).mean(1).mean()
 
 
+LPIPS_MISSING = ("distill_loss='lpips' needs the `lpips` package and its VGG weights (pip install lpips; the "
+                 "weights download on first use); use distill_loss='l2' otherwise")
+
+
+def check_lpips() -> None:
+    """A ValueError naming what is missing when the recipe's LPIPS loss is asked for without the package."""
+    import importlib.util
+
+    if importlib.util.find_spec("lpips") is None:
+        raise ValueError(LPIPS_MISSING)
+
+
 class LpipsDistill(nn.Module):
     """The released distillation loss: LPIPS-VGG between the decoded central crops of x0_hat and the target
     ([M] L385-411): crop `crop` latent pixels around the centre (64 of 128 at 1024^2), decode with the frozen
@@ -31,12 +43,9 @@ class LpipsDistill(nn.Module):
 
     def __init__(self, decode, crop: int = 64):
         super().__init__()
-        try:
-            import lpips  # optional: pip install lpips (its VGG weights download on first use)
-        except ImportError as e:
-            raise RuntimeError("distill_loss='lpips' needs the `lpips` package and its VGG weights "
-                               "(pip install lpips, with internet for the first download); "
-                               "use distill_loss='l2' otherwise") from e
+        check_lpips()
+        import lpips  # optional: pip install lpips (its VGG weights download on first use)
+
         self.lpips = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
         self.decode, self.crop = decode, crop
 

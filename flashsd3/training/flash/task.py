@@ -25,6 +25,7 @@ from ...sampling import (
 from ..config import TrainConfig, opt
 from ..loop import Batch
 from ..trainable import make_trainable, save_trained
+from .losses import check_lpips
 from .models import make_head, mmdit_flash_models
 from .recipe import FlashRecipe
 from .step import FlashBatch, flash_update
@@ -69,6 +70,8 @@ class FlashConfig(TrainConfig):
             raise ValueError("flash distils into LoRA adapters (the teacher is the model with them off): "
                              "--train-modules is not supported")
         self.recipe()  # its checks, with the field names
+        if self.distill_loss == "lpips":
+            check_lpips()
 
     def recipe(self) -> FlashRecipe:
         floats = lambda xs: tuple(float(x) for x in xs)
