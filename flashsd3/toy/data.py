@@ -47,7 +47,7 @@ def balanced_labels(n: int) -> torch.Tensor:
 def _shape_masks(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Inside-masks on the supersampled grid; dx, dy (B, S, S) offsets from the centre, r (B, 1, 1) size."""
     circle = dx**2 + dy**2 <= r**2
-    square = torch.maximum(dx.abs(), dy.abs()) <= 0.85 * r  # about the circle's area
+    square = torch.maximum(dx.abs(), dy.abs()) <= 0.9 * r  # about the circle's area, corners well outside it
     # upright triangle: apex at -1.1 r, base at +0.9 r, half-width 1.15 r at the base
     depth = (dy + 1.1 * r) / (2.0 * r)
     triangle = (dy <= 0.9 * r) & (dy >= -1.1 * r) & (dx.abs() <= 1.15 * r * depth)
@@ -68,8 +68,9 @@ def _background(n: int, res: int, generator: torch.Generator) -> torch.Tensor:
 def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 16) -> torch.Tensor:
     """Draw images for (n, 3) labels -> (n, 3, resolution, resolution) float32 RGB in [-1, 1].
 
-    Position = the quadrant of the shape's centre (jittered by up to 1/16 of the side); size = a half-extent
-    of 0.16-0.22 of the side; colour = the palette entry jittered per channel.
+    Position = the quadrant of the shape's centre (at 0.28 / 0.72 of the side, jittered by up to 1/32 of it);
+    size = a half-extent of 0.21-0.27 of the side (a shape ~8 px across at 16x16: big enough that circle,
+    square and triangle differ in many pixels); colour = the palette entry jittered per channel.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.ndim != 2 or labels.shape[1] != 3:
@@ -80,10 +81,10 @@ def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 1
     n, res = labels.shape[0], resolution
     shape, colour, pos = labels.unbind(1)
     side = torch.tensor(float(res))
-    jitter = (2 * torch.rand(n, 2, generator=generator) - 1) * side / 16
-    cx = torch.where(pos % 2 == 0, 0.25, 0.75) * side + jitter[:, 0]
-    cy = torch.where(pos < 2, 0.25, 0.75) * side + jitter[:, 1]
-    r = (0.16 + 0.06 * torch.rand(n, generator=generator)) * side
+    jitter = (2 * torch.rand(n, 2, generator=generator) - 1) * side / 32
+    cx = torch.where(pos % 2 == 0, 0.28, 0.72) * side + jitter[:, 0]
+    cy = torch.where(pos < 2, 0.28, 0.72) * side + jitter[:, 1]
+    r = (0.21 + 0.06 * torch.rand(n, generator=generator)) * side
     rgb = PALETTE[colour] + COLOUR_JITTER * (2 * torch.rand(n, 3, generator=generator) - 1)
 
     S = res * SUPERSAMPLE
