@@ -100,11 +100,25 @@ def get_classifier(args, plan: EvalPlan, log: Log):
     return clf, time.perf_counter() - t0
 
 
+def inherited_training(args) -> tuple[list, ...]:
+    """A reused teacher's training record from the run that trained it (its folder's results.json and
+    loss.png), so the new RESULTS.md still shows it: (checks, training seconds), ([], 0.0) when there is none."""
+    import shutil
+
+    done = args.teacher.parent / "results.json"
+    if not done.is_file():
+        return [], 0.0
+    if (args.teacher.parent / "loss.png").is_file() and args.teacher.parent.resolve() != args.out.resolve():
+        shutil.copyfile(args.teacher.parent / "loss.png", args.out / "loss.png")
+    meta = json.loads(done.read_text())["_meta"]
+    return meta.get("training_checks", []), meta.get("wall_s", {}).get("teacher", 0.0)
+
+
 def get_teacher(args, recipe: TeacherRecipe, evaluator: ToyEvaluator, log: Log):
     """Train (with a quick adherence check every 500 steps) or load the teacher."""
     if args.teacher is not None:
         model, text = load_teacher(args.teacher)
-        return model, text, [], [], 0.0
+        return model, text, [], *inherited_training(args)
     es, checks = evaluator.eval_set, []
     n = min(192, es.labels.shape[0])
 
