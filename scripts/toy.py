@@ -47,7 +47,7 @@ class EvalPlan:
     shift: float = 3.0  # sampling grid shift (SD3's; 4 steps -> sigmas [1, .858, .602, .009, 0])
     sweep: tuple[float, ...] = (1.5, 2.0, 4.0, 5.0)  # guidance sweep (informative, 240 other seeds, 16 steps)
     sweep_steps: int = 16
-    classifier_steps: int = 400
+    classifier_steps: int = 1000
 
 
 QUICK_PLAN = EvalPlan(num_samples=240, ref_steps=8, sweep=(), classifier_steps=150)

@@ -70,15 +70,26 @@ def test_render_rejects_bad_labels():
         render(torch.tensor([0, 1, 2]), torch.Generator())
 
 
-def test_classifier_reads_held_out_data():
-    """A classifier trained briefly in the test (300 steps) reads held-out procedural data; the full run
-    trains it 500 steps at batch 128 (results.json row data_heldout: its accuracy on 2000 held-out images)."""
-    clf = train_classifier(seed=0, steps=300, batch=64)
+def _held_out_accuracy(steps: int) -> dict[str, float]:
+    clf = train_classifier(seed=0, steps=steps, batch=128)
     images, labels = make_dataset(512, seed=99)
-    _, pred = classify(clf, images)
-    acc = accuracies(pred, labels)
+    return accuracies(classify(clf, images)[1], labels)
+
+
+def test_classifier_reads_colour_and_position_quickly():
+    """A briefly trained classifier (200 steps, in the test) already reads colour and position of held-out
+    data; shape needs longer (the next test, slow)."""
+    acc = _held_out_accuracy(200)
     assert acc["colour_acc"] > 0.98 and acc["position_acc"] > 0.98, acc
-    assert acc["shape_acc"] > 0.9 and acc["adherence"] > 0.9, acc
+    assert acc["shape_acc"] > 0.5, acc  # chance is 1/3
+
+
+@pytest.mark.slow
+def test_classifier_reads_held_out_data():
+    """The evaluator's own budget (1000 steps at batch 128, ~2-4 min on 2 shared cores) reads every attribute
+    of held-out procedural data (measured: 100% on 1000 images; results.json row data_heldout: 2000 images)."""
+    acc = _held_out_accuracy(1000)
+    assert acc["adherence"] > 0.99, acc
 
 
 def test_frechet_distance_identical_sets_is_zero():
@@ -160,7 +171,7 @@ def test_toy_script_smoke(tmp_path):
     assert results["teacher_cfg_ref"]["fd_ref"] == pytest.approx(0, abs=1e-6)
     for name in ("RESULTS.md", "loss.png", "teacher.safetensors", "classifier.safetensors"):
         assert (tmp_path / name).is_file(), name
-    model, text = load_teacher(tmp_path / "teacher.safetensors")
+    model, _ = load_teacher(tmp_path / "teacher.safetensors")
     assert model.config.depth == 4 and model.config.hidden_size == 128
     for row in ("student_init", "student_1", "student_2", "student_4", "student_4_no_adv_dmd",
                 "student_4_mid_features"):  # Flash distillation rows (flashsd3/toy/distill.py)

@@ -65,12 +65,14 @@ def _background(n: int, res: int, generator: torch.Generator) -> torch.Tensor:
     return grey + tint + smooth + fine
 
 
-def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 16) -> torch.Tensor:
+def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 16,
+           supersample: int = SUPERSAMPLE) -> torch.Tensor:
     """Draw images for (n, 3) labels -> (n, 3, resolution, resolution) float32 RGB in [-1, 1].
 
     Position = the quadrant of the shape's centre (at 0.28 / 0.72 of the side, jittered by up to 1/32 of it);
     size = a half-extent of 0.21-0.27 of the side (a shape ~8 px across at 16x16: big enough that circle,
     square and triangle differ in many pixels); colour = the palette entry jittered per channel.
+    supersample: samples per pixel side (1 = hard, aliased edges; the evaluator's classifier also sees those).
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.ndim != 2 or labels.shape[1] != 3:
@@ -87,12 +89,12 @@ def render(labels: torch.Tensor, generator: torch.Generator, resolution: int = 1
     r = (0.21 + 0.06 * torch.rand(n, generator=generator)) * side
     rgb = PALETTE[colour] + COLOUR_JITTER * (2 * torch.rand(n, 3, generator=generator) - 1)
 
-    S = res * SUPERSAMPLE
-    grid = (torch.arange(S, dtype=torch.float32) + 0.5) / SUPERSAMPLE  # pixel-unit sample positions
+    S = res * supersample
+    grid = (torch.arange(S, dtype=torch.float32) + 0.5) / supersample  # pixel-unit sample positions
     dy = grid.view(1, S, 1) - cy.view(-1, 1, 1)
     dx = grid.view(1, 1, S) - cx.view(-1, 1, 1)
     mask = _shape_masks(shape, dx.expand(n, S, S), dy.expand(n, S, S), r.view(-1, 1, 1))
-    alpha = F.avg_pool2d(mask.unsqueeze(1), SUPERSAMPLE)  # (n, 1, res, res) coverage
+    alpha = F.avg_pool2d(mask.unsqueeze(1), supersample)  # (n, 1, res, res) coverage
     image = (1 - alpha) * _background(n, res, generator) + alpha * rgb.clamp(0, 1).view(n, 3, 1, 1)
     return (image.clamp(0, 1) * 2 - 1).contiguous()
 
