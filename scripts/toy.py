@@ -118,7 +118,7 @@ def get_teacher(args, recipe: TeacherRecipe, evaluator: ToyEvaluator, log: Log):
     """Train (with a quick adherence check every 500 steps) or load the teacher."""
     if args.teacher is not None:
         model, text = load_teacher(args.teacher)
-        return model, text, [], *inherited_training(args)
+        return model, text, [], [], 0.0  # its training record is read at the end (inherited_training)
     es, checks = evaluator.eval_set, []
     n = min(192, es.labels.shape[0])
 
@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     if losses:
         line_plot({"loss": losses, "loss (50-step mean)": smooth(losses)}, args.out / "loss.png",
                   title="teacher flow-matching loss")
+    if args.teacher is not None:  # read last: the run that trained the teacher may still be scoring it
+        checks, t_teacher = inherited_training(args)
     walls = {"total": time.perf_counter() - t_start, "classifier": t_clf, "teacher": t_teacher, "eval": t_eval,
              **flash_walls}
     meta = {"seed": args.seed, "quick": args.quick, "recipe": asdict(recipe), "plan": asdict(plan),
