@@ -289,5 +289,8 @@ def flash_markdown(rows: dict, recipe: ToyFlashRecipe, walls: dict, plots: list[
 |---|---:|---:|---|
 {check_md}
 
+The table's Frechet distances compare the student with the data; `FLASH_DIAGNOSIS.md` (when present) says why a
+target is missed.
+
 Plots: {", ".join(f"`{p}`" for p in plots)}.
 """
