@@ -1,8 +1,9 @@
-"""The toy world on a CPU: train a tiny MMDiT teacher from scratch, then score its samplers.
+"""The toy world on a CPU: train a tiny MMDiT teacher from scratch, score its samplers, distil a Flash student.
 
     python scripts/toy.py --seed 0 --out runs/toy0            # the reference run (~15-40 min on 2 cores)
     python scripts/toy.py --seed 0 --out runs/quick --quick   # a smoke run (about a minute)
     python scripts/toy.py --teacher runs/toy0/teacher.safetensors --out runs/eval   # re-score a trained teacher
+    python scripts/toy.py --seed 0 --out runs/toy0 --no-distil                # teacher rows only
 
 Writes OUT/results.json (one entry per row), OUT/RESULTS.md, OUT/loss.png, OUT/samples_<row>.png and the
 checkpoints OUT/teacher.safetensors + OUT/classifier.safetensors (not meant for git).
@@ -16,11 +17,12 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from flashsd3.toy import distill
 from flashsd3.toy.data import NUM_CAPTIONS, caption
 from flashsd3.toy.evaluate import (
     ToyEvaluator,
@@ -63,7 +65,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, help="override the number of evaluation samples")
     p.add_argument("--classifier-steps", type=int, help="override the classifier's training steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-distil", action="store_true", help="skip Flash distillation (teacher rows only)")
+    p.add_argument("--distil-steps", type=int, help="override the distillation batches (4 phases)")
+    p.add_argument("--distil-batch", type=int, help="override the distillation batch size")
+    p.add_argument("--bank", type=int, help="distil from a bank of N precomputed teacher trajectories (an option, "
+                                            "not the recipe; 0 = the recipe: noised data and live teacher solves)")
+    p.add_argument("--modes", choices=("recipe", "sampler"), help="start-index mixture modes: the recipe's, or at "
+                                                                  "the 4-step sampler's sigmas (an option)")
     return p.parse_args(argv)
+
+
+DISTIL = distill.ToyFlashRecipe(steps=400, batch=32, bank=1024)
+QUICK_DISTIL = distill.ToyFlashRecipe(steps=8, batch=8, K=8, bank=32, probe=16, probe_every=4)
 
 
 class Log:
@@ -87,11 +100,25 @@ def get_classifier(args, plan: EvalPlan, log: Log):
     return clf, time.perf_counter() - t0
 
 
+def inherited_training(args) -> tuple[list, ...]:
+    """A reused teacher's training record from the run that trained it (its folder's results.json and
+    loss.png), so the new RESULTS.md still shows it: (checks, training seconds), ([], 0.0) when there is none."""
+    import shutil
+
+    done = args.teacher.parent / "results.json"
+    if not done.is_file():
+        return [], 0.0
+    if (args.teacher.parent / "loss.png").is_file() and args.teacher.parent.resolve() != args.out.resolve():
+        shutil.copyfile(args.teacher.parent / "loss.png", args.out / "loss.png")
+    meta = json.loads(done.read_text())["_meta"]
+    return meta.get("training_checks", []), meta.get("wall_s", {}).get("teacher", 0.0)
+
+
 def get_teacher(args, recipe: TeacherRecipe, evaluator: ToyEvaluator, log: Log):
     """Train (with a quick adherence check every 500 steps) or load the teacher."""
     if args.teacher is not None:
         model, text = load_teacher(args.teacher)
-        return model, text, [], [], 0.0
+        return model, text, [], [], 0.0  # its training record is read at the end (inherited_training)
     es, checks = evaluator.eval_set, []
     n = min(192, es.labels.shape[0])
 
@@ -159,20 +186,22 @@ ROW_NOTES = {
     "teacher_4_cfg": "4 Euler steps, CFG (8 model calls)",
     "teacher_4_nocfg": "4 Euler steps, no CFG",
     "data_heldout": "held-out real data (classifier accuracy; FD floor between two data draws)",
+    **distill.ROW_NOTES,
 }
 
 
 def results_table(rows: dict) -> str:
-    lines = ["| row | NFE | adherence | shape | colour | position | fd_data | fd_ref | what |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| row | NFE | adherence | shape | colour | position | fd_data | fd_ref | paired_l2 | what |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
+        l2 = f"{r['paired_l2']:.4f}" if "paired_l2" in r else ""
         lines.append(f"| `{name}` | {r['nfe']} | {100 * r['adherence']:.1f}% | {100 * r['shape_acc']:.1f}% | "
                      f"{100 * r['colour_acc']:.1f}% | {100 * r['position_acc']:.1f}% | {r['fd_data']:.2f} | "
-                     f"{r['fd_ref']:.2f} | {ROW_NOTES.get(name, '')} |")
+                     f"{r['fd_ref']:.2f} | {l2} | {ROW_NOTES.get(name, '')} |")
     return "\n".join(lines)
 
 
-def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict) -> None:
+def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict, flash_md: str = "") -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     cmd = "python scripts/toy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% |"
@@ -217,7 +246,8 @@ Wall time: total {walls['total']:.0f} s (classifier {walls['classifier']:.0f} s,
 
 Plots: `loss.png` (training loss), `samples_<row>.png` (first 96 samples of each row; prompts in order
 shape, colour, position cycling, as `flashsd3.toy.data.balanced_labels`).
-"""
+
+{flash_md}"""
     path.write_text(text)
 
 
@@ -229,6 +259,13 @@ def smooth(values: list[float], window: int = 50) -> list[float]:
             acc -= values[i - window]
         out.append(acc / min(i + 1, window))
     return out
+
+
+def distil_recipe(args) -> distill.ToyFlashRecipe:
+    base = QUICK_DISTIL if args.quick else DISTIL
+    overrides = {"steps": args.distil_steps, "batch": args.distil_batch, "bank": args.bank, "seed": args.seed,
+                 "modes": args.modes}
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv=None) -> int:
@@ -252,19 +289,38 @@ def main(argv=None) -> int:
     rows, images = teacher_rows(model, text, evaluator, plan, log)
     sweep = guidance_sweep(model, text, evaluator, plan, log)
     t_eval = time.perf_counter() - t0
+    flash_md, flash_walls, flash_recipe = "", {}, None
+    if not args.no_distil:
+        flash_recipe = distil_recipe(args)
+        teacher_file = args.teacher or args.out / "teacher.safetensors"
+        s_rows, s_images, histories, flash_walls = distill.student_rows(
+            teacher_file, evaluator, images["teacher_cfg_ref"], flash_recipe, log=log)
+        for name in rows:  # the teacher rows' paired L2 to the reference, from the same noise
+            if name != "data_heldout":
+                rows[name]["paired_l2"] = distill.paired_l2(images[name], images["teacher_cfg_ref"])
+        rows.update(s_rows)
+        images.update(s_images)
+        plots = distill.plot_histories(histories, flash_recipe, args.out, smooth)
+        flash_md = distill.flash_markdown(rows, flash_recipe, flash_walls, plots)
+        (args.out / "flash_history.json").write_text(json.dumps(histories) + "\n")
 
     for name, imgs in images.items():
         image_grid(imgs[:96], args.out / f"samples_{name}.png", columns=12)
     if losses:
         line_plot({"loss": losses, "loss (50-step mean)": smooth(losses)}, args.out / "loss.png",
                   title="teacher flow-matching loss")
-    walls = {"total": time.perf_counter() - t_start, "classifier": t_clf, "teacher": t_teacher, "eval": t_eval}
+    if args.teacher is not None:  # read last: the run that trained the teacher may still be scoring it
+        checks, t_teacher = inherited_training(args)
+    walls = {"total": time.perf_counter() - t_start, "classifier": t_clf, "teacher": t_teacher, "eval": t_eval,
+             **flash_walls}
     meta = {"seed": args.seed, "quick": args.quick, "recipe": asdict(recipe), "plan": asdict(plan),
+            "flash_recipe": asdict(flash_recipe) if flash_recipe else None,
+            "flash_targets": distill.target_checks(rows) if flash_recipe else None,
             "teacher_file": str(args.teacher or args.out / "teacher.safetensors"), "wall_s": walls,
             "guidance_sweep": sweep, "training_checks": checks}
     (args.out / "results.json").write_text(json.dumps({**rows, "_meta": meta}, indent=2) + "\n")
     write_results_md(args.out / "RESULTS.md", args=args, recipe=recipe, plan=plan, rows=rows, sweep=sweep,
-                     checks=checks, walls=walls)
+                     checks=checks, walls=walls, flash_md=flash_md)
     log(f"done in {walls['total']:.0f}s -> {args.out}")
     return 0
 

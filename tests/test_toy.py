@@ -163,7 +163,7 @@ def test_toy_script_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "scripts/toy.py"), "--quick", "--out", str(tmp_path), "--steps", "3",
            "--num-samples", "48", "--classifier-steps", "3", "--threads", "1"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     results = json.loads((tmp_path / "results.json").read_text())
     for row in ("teacher_cfg_ref", "teacher_nocfg", "teacher_4_cfg", "teacher_4_nocfg", "data_heldout"):
         assert {"adherence", "fd_data", "fd_ref", "shape_acc", "colour_acc", "position_acc"} <= set(results[row])
@@ -173,3 +173,9 @@ def test_toy_script_smoke(tmp_path):
         assert (tmp_path / name).is_file(), name
     model, _ = load_teacher(tmp_path / "teacher.safetensors")
     assert model.config.depth == 4 and model.config.hidden_size == 128
+    for row in ("student_init", "student_1", "student_2", "student_4", "student_4_no_adv_dmd",
+                "student_4_mid_features"):  # Flash distillation rows (flashsd3/toy/distill.py)
+        assert {"adherence", "fd_data", "fd_ref", "paired_l2"} <= set(results[row]), row
+    assert results["teacher_cfg_ref"]["paired_l2"] == 0 and results["student_1"]["nfe"] == 1
+    for name in ("flash_student_losses.png", "flash_student_discriminator.png", "flash_history.json"):
+        assert (tmp_path / name).is_file(), name

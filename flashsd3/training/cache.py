@@ -2,12 +2,12 @@
 
 A cache folder holds `cache.json` (what produced it: `CacheSpec`, the examples' digest, shard size, progress),
 `shard-NNNNN.safetensors` (rows of `latents` (n, C, h, w), `clip` (n, 77, CLIP-L+G width), `pooled` (n, P); the
-captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout)
-and `prompts.safetensors` (fixed prompts for sample grids). The context is stored as its CLIP part only; the
-Flash SD3 recipe's T5 slot (gojasper/flash-diffusion `src/flash/models/flash_sd3/flash_diffusion_model.py`
-and the initml/diffusers fork's `pipeline_stable_diffusion_3.py` `_get_t5_prompt_embeds`: no T5, 77 zero
-tokens, CLIP features zero-padded to 4096, 154 tokens in all) is rebuilt at load time by
-`assemble_context`, which is exactly what `TextEncoders.encode` returns without T5.
+captions and image paths in the file's metadata), `empty.safetensors` (the empty prompt, for caption dropout),
+`negative.safetensors` (the CFG negative of Flash distillation) and `prompts.safetensors` (fixed prompts for
+sample grids). The context is stored as its CLIP part only; the Flash SD3 recipe's T5 slot (gojasper/flash-diffusion
+`src/flash/models/flash_sd3/flash_diffusion_model.py` and the initml/diffusers fork's `pipeline_stable_diffusion_3.py`
+`_get_t5_prompt_embeds`: no T5, 77 zero tokens, CLIP features zero-padded to 4096, 154 tokens in all) is rebuilt
+at load time by `assemble_context`, which is exactly what `TextEncoders.encode` returns without T5.
 
 Latents are the VAE posterior's sample (seeded per example) mapped as the sampler expects them,
 (z - shift_factor) * scaling_factor (SD3 pipeline; the Flash trainer omits the shift, a quirk not copied here).
@@ -32,6 +32,11 @@ from .data import DataError, Example, Problem, load_image
 CACHE_VERSION = 1
 CLIP_TOKENS = 77  # CLIP's context length
 T5_TOKENS = 77  # zero tokens of the T5 slot (Flash SD3: tokenizer_max_length 77, text_encoder_3=None)
+# The negative prompt of every CFG call in Flash SD3's distillation, for all three encoders
+# (gojasper/flash-diffusion src/flash/models/flash_sd3/flash_diffusion_model.py L207-209).
+FLASH_NEGATIVE_PROMPT = ("deformed, distorted, disfigured, poorly drawn, bad anatomy, wrong anatomy, extra limb, "
+                         "missing limb, floating limbs, mutated hands and fingers, disconnected limbs, mutation, "
+                         "mutated, ugly, disgusting, blurry, amputation, NSFW")
 
 
 class CacheError(ValueError):
@@ -152,22 +157,20 @@ def posterior_samples(posterior, indices: list[int], seed: int) -> torch.Tensor:
 
 def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, text, *, shard_size: int = 256,
                   batch_size: int = 8, skip_bad: bool = False, skipped: list[Problem] = (),
-                  sample_prompts: list[str] | None = None, negative_prompt: str | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict:
+                  sample_prompts: list[str] | None = None, progress: Callable[[int], None] | None = None,
+                  negative_prompt: str = FLASH_NEGATIVE_PROMPT) -> dict:
     """Encode `examples` into `folder` (resuming an unfinished cache); returns the final cache.json record.
 
-    sample_prompts: fixed prompts for sample grids (default: the first four captions). negative_prompt: also
-    cached, as negative.safetensors (for objectives whose guidance uses one). progress(n) is called
+    sample_prompts: fixed prompts for sample grids (default: the first four captions). negative_prompt: the CFG
+    negative of Flash distillation (`negative.safetensors`; default the recipe's). progress(n) is called
     with the number of examples done after each shard (including shards found already written).
     """
     record = start_cache(folder, spec, examples, shard_size, list(skipped))
     prompts = sample_prompts or [ex.caption for ex in examples[:4]]
     _save_tensors(folder / "empty.safetensors", encode_text(text, [""], spec.clip_width))
+    _save_tensors(folder / "negative.safetensors", encode_text(text, [negative_prompt], spec.clip_width),
+                  {"prompts": [negative_prompt]})
     _save_tensors(folder / "prompts.safetensors", encode_text(text, prompts, spec.clip_width), {"prompts": prompts})
-    if negative_prompt is not None:  # the Flash recipe's CFG uses a fixed negative prompt
-        # (gojasper/flash-diffusion src/flash/models/flash_sd3/flash_diffusion_model.py)
-        _save_tensors(folder / "negative.safetensors", encode_text(text, [negative_prompt], spec.clip_width),
-                      {"prompts": [negative_prompt]})
     if record["complete"]:  # only the prompt files were (re)written
         return record
     shards = []

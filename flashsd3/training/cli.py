@@ -1,10 +1,11 @@
-"""`flashsd3-train`: encode a dataset once (`prepare`), then train on the cache (`flow`; `flash` next).
+"""`flashsd3-train`: encode a dataset once (`prepare`), then train on the cache (`flow`, `flash`).
 
     flashsd3-train prepare --data images/ --model stabilityai/stable-diffusion-3-medium-diffusers \\
         --resolution 1024 --dtype bf16 --out cache/
     flashsd3-train flow --cache cache/ --out runs/lora1 --steps 2000 --batch-size 16 --lora-rank 64
     torchrun --nproc_per_node 2 -m flashsd3.training.cli flow --config run.toml
     flashsd3-train flow --cache cache/ --out runs/lora1 --resume --steps 4000    # continue, or after Ctrl-C
+    flashsd3-train flash --cache cache/ --out runs/flash --steps 10000 --activation-checkpointing  # distil
 
 Training flags are made from the objective's config dataclass (training/config.py, flow.py): each field is a
 --flag and a key of --config FILE (JSON or TOML); flags win over the file. A new objective registers itself in
@@ -27,9 +28,10 @@ METAVARS = {int: "N", float: "X", str: "TEXT", tuple: "A,B,..."}
 
 def commands() -> dict:
     """subcommand -> (config dataclass, task class). flash.py (Flash distillation) adds "flash" here."""
+    from .flash.task import FlashConfig, FlashTask
     from .flow import FlowConfig, FlowTask
 
-    return {"flow": (FlowConfig, FlowTask)}
+    return {"flow": (FlowConfig, FlowTask), "flash": (FlashConfig, FlashTask)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default 8)")
     q.add_argument("--sample-prompts", type=Path, help="prompts for training sample grids, one per line "
                                                        "(default: the first four captions)")
-    q.add_argument("--negative-prompt", metavar="TEXT", help="also cache this prompt's embeddings "
-                                                          "(negative.safetensors), for objectives that guide with it")
     q.add_argument("--skip-bad", action="store_true", help="skip unreadable images and images without a caption "
                                                            "(counted and listed in cache.json) instead of stopping")
     q.add_argument("--seed", type=int, default=0, help="the VAE posterior sample of example i uses seed + i")
+    q.add_argument("--negative-prompt", help="CFG negative prompt of `flash` distillation (default: the Flash SD3 "
+                                             "recipe's long negative prompt; '' for the empty prompt)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     q.add_argument("--overwrite", action="store_true", help="replace a cache made differently")
     for name, (cls, _) in commands().items():
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # prepare ------------------------------------------------------------------------------------------
 
-CACHE_FILES = ("cache.json", "empty.safetensors", "prompts.safetensors", "negative.safetensors")
+CACHE_FILES = ("cache.json", "empty.safetensors", "negative.safetensors", "prompts.safetensors")
 
 
 def _cache_folder(out: Path, overwrite: bool) -> None:
@@ -128,8 +130,8 @@ def prepare(args) -> int:
     with tqdm(total=len(examples), unit="img", desc="prepare", disable=None) as bar:
         record = prepare_cache(args.out, examples, spec, vae, text, shard_size=args.shard_size,
                                batch_size=args.batch_size, skip_bad=args.skip_bad, skipped=problems,
-                               sample_prompts=prompts, negative_prompt=args.negative_prompt,
-                               progress=lambda n: bar.update(n - bar.n))
+                               sample_prompts=prompts, progress=lambda n: bar.update(n - bar.n),
+                               **({} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}))
     skipped = f", skipped {len(record['skipped'])} (listed in cache.json)" if record["skipped"] else ""
     print(f"cached {sum(record['rows'])} examples in {len(record['shards'])} shards at {args.out}{skipped}")
     return 0

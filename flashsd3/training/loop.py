@@ -63,6 +63,8 @@ class Task(Protocol):
         """Write the trained weights in their published layout (rank 0 only)."""
 
     # Optional: param_groups(named) -> AdamW parameter groups; ddp_kwargs: dict for DistributedDataParallel.
+    # Optional, instead of `loss`: update(module, batch, generator, optimizer, autocast) -> logs ("loss" first)
+    # makes the whole step itself (backward, gradient averaging over ranks, optimiser steps); flash.FlashTask.
 
 
 # Ranks ------------------------------------------------------------------------------------------
@@ -349,9 +351,11 @@ def _step(run: Run, step: int) -> dict:
     torch.manual_seed(((cfg.seed * 1_000_003 + 2 + ranks.rank) << 32) + step)  # per-rank, per-step global RNG
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor(cfg, step)
+    batch = Batch(latents, context, pooled, rows, cfg.batch_size, step)
+    if hasattr(run.task, "update"):  # an objective with its own update scheme (flash: alternating G and D steps)
+        return run.task.update(run.module, batch, step_generator(cfg.seed, step), run.optimizer, run.autocast)
     with run.autocast:
-        loss, logs = run.task.loss(run.module, Batch(latents, context, pooled, rows, cfg.batch_size, step),
-                                   step_generator(cfg.seed, step))
+        loss, logs = run.task.loss(run.module, batch, step_generator(cfg.seed, step))
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(run.named.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     run.optimizer.step()

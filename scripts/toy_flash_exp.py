@@ -1,0 +1,72 @@
+"""One toy Flash distillation run with any ToyFlashRecipe fields, scored on the 2000-sample eval set: the
+diagnostics behind results/toy/FLASH_DIAGNOSIS.md (which loss term moves the Frechet distance, bank vs recipe).
+
+    python scripts/toy_flash_exp.py --run DIR '{"bank": 1024}'                          # the toy.py default
+    python scripts/toy_flash_exp.py --run DIR '{"bank": 1024, "lambda_dmd": [0, 0, 0, 0]}'   # GAN only
+    python scripts/toy_flash_exp.py --run DIR '{"bank": 0}'                             # the recipe's start points
+
+DIR holds teacher.safetensors and classifier.safetensors (a scripts/toy.py output folder). Reference and
+teacher-4-step samples are cached in DIR/cache/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from flashsd3.toy.distill import (
+    Bank,
+    ToyFlashRecipe,
+    distil,
+    flash_samples,
+    make_bank,
+    paired_l2,
+)
+from flashsd3.toy.evaluate import ToyEvaluator, load_classifier, make_eval_set
+from flashsd3.toy.model import generate, load_teacher
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("fields", nargs="?", default="{}", help="ToyFlashRecipe fields as JSON")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = args.run / "cache"
+    cache.mkdir(exist_ok=True)
+    ev = ToyEvaluator(load_classifier(args.run / "classifier.safetensors"), make_eval_set(2000))
+    es, (model, text) = ev.eval_set, load_teacher(args.run / "teacher.safetensors")
+
+    def cached(name, fn):
+        f = cache / f"{name}.pt"
+        if not f.exists():
+            torch.save(fn(), f)
+        return torch.load(f, weights_only=True)
+
+    ref = cached("ref", lambda: generate(model, text, es.labels, es.noise, steps=32, guidance=3.0))
+    ev.set_reference(ref)
+    fields = json.loads(args.fields)
+    recipe = replace(ToyFlashRecipe(), **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    bank = None
+    if recipe.bank:
+        bank = Bank(**cached(f"bank{recipe.bank}_K{recipe.K}_{recipe.guidance}",
+                             lambda: make_bank(model, text, recipe, recipe.bank,
+                                               torch.Generator().manual_seed(77)).__dict__))
+    t0 = time.perf_counter()
+    student, stext, _ = distil(args.run / "teacher.safetensors", recipe, probe_labels=es.labels[:64],
+                               probe_noise=es.noise[:64], probe_ref=ref[:64], bank=bank)
+    out = {"fields": fields, "distil_s": round(time.perf_counter() - t0, 1)}
+    for steps in (1, 4):
+        images = flash_samples(student, stext, es.labels, es.noise, steps, recipe.shift)
+        out[f"student_{steps}"] = {**{k: round(v, 4) for k, v in ev.score(images).items()},
+                                   "paired_l2": round(paired_l2(images, ref), 4)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
