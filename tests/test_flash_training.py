@@ -28,7 +28,8 @@ from flashsd3.training.flash import (
     teacher_target,
 )
 
-# flash-training.md §1.4 table (4 decimals): P(idx) per phase at the indices listed
+# the recipe's mixture table (4 decimals; from flash_sd3.yaml's MIXTURE_WEIGHTS / MIXTURE_VAR):
+# P(idx) per phase at the indices listed
 TABLE = {
     0: {0: 0.0, 8: 0.0, 15: 0.0532, 16: 0.3933, 17: 0.0532, 23: 0.0532, 24: 0.3933, 25: 0.0532},
     1: {0: 0.0795, 1: 0.0108, 7: 0.0323, 8: 0.2385, 16: 0.2385, 24: 0.2385},

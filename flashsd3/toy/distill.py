@@ -1,11 +1,11 @@
 """Flash Diffusion distillation of the toy teacher into a 1-4 step LoRA student, and the student rows of the table.
 
-The method is flashsd3.training.flash unchanged (recipe, losses, one iteration); only sizes change for a CPU, as
-../shared/reference/flash-training.md §5.2 allows: pixel space (L2 distillation, no VAE/LPIPS), learnt attribute
-tokens with the learnt empty prompt as the CFG negative, a guidance range around the toy's own CFG scale, shorter
-phases, a bigger learning rate, and a discriminator head sized for 16x16 inputs. Options, each named:
-`bank` (precomputed teacher trajectories instead of noised data + live solves: not the recipe),
-`modes="sampler"` (mixture modes at the 4-step sampler's sigmas), `disc_blocks` (intended-features discriminator).
+The method is flashsd3.training.flash unchanged (recipe, losses, one iteration); only sizes change for a CPU: pixel
+space (L2 distillation, no VAE/LPIPS), learnt attribute tokens with the learnt empty prompt as the CFG negative, a
+guidance range around the toy's own CFG scale, shorter phases, a bigger learning rate, and a discriminator head
+sized for 16x16 inputs. Options, each named: `bank` (precomputed teacher trajectories instead of noised data + live
+solves: not the recipe), `modes="sampler"` (mixture modes at the 4-step sampler's sigmas), `disc_blocks`
+(intended-features discriminator).
 """
 from __future__ import annotations
 

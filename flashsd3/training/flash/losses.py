@@ -1,7 +1,7 @@
 """The three losses of Flash Diffusion as small functions of tensors, and the discriminator head.
 
 Official code: gojasper/flash-diffusion `src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]) L373-602,
-head `examples/train_flash_sd3.py` ([T]) L144-183; ../shared/reference/flash-training.md §2.
+head `examples/train_flash_sd3.py` ([T]) L144-183.
 All losses are computed in float32 (float64 for float64 inputs) and return a 0-dim tensor.
 """
 from __future__ import annotations

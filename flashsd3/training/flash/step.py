@@ -1,5 +1,6 @@
 """One Flash Diffusion iteration: start points, the teacher target, the student's one-step x0, DMD and GAN inputs,
-and the generator / discriminator losses ([M] L236-602; ../shared/reference/flash-training.md §1.3).
+and the generator / discriminator losses ([M] = gojasper/flash-diffusion @ 3ffd9a83
+`src/flash/models/flash_sd3/flash_diffusion_model.py` L236-602; [TR] = its `src/flash/trainer/trainer.py`).
 
 Models are plain callables `fn(x, t, *cond) -> velocity` with t = 1000 sigma (FlashModels), so the pieces can be
 checked on hand-made stand-ins; `mmdit_flash_models` builds them from one MMDiT carrying trainable adapters: the

@@ -3,7 +3,8 @@
 Teacher = the transformer with its adapters off, student = the same transformer with trainable adapters, plus
 a discriminator head; one AdamW holds both (torch defaults but the recipe's lr 1e-5, weight decay 0.01) and
 each batch makes a generator step then a discriminator step: a parameter without a gradient is skipped by
-AdamW, so the two steps equal the recipe's two optimisers ([T] L289-298). Gradients are averaged over ranks
+AdamW, so the two steps equal the recipe's two optimisers (gojasper/flash-diffusion
+`examples/train_flash_sd3.py` L289-298). Gradients are averaged over ranks
 by hand (the passes call the transformer several times, which DDP's reducer does not follow).
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ SAMPLE_STEPS = (1, 2, 4)  # student columns of the sample grid; the teacher's is
 
 @dataclass(frozen=True)
 class FlashConfig(TrainConfig):
-    """Flash Diffusion distillation into a LoRA (defaults: the released SD3 recipe, flash-training.md)."""
+    """Flash Diffusion distillation into a LoRA (defaults: the released SD3 recipe, gojasper/flash-diffusion
+    `examples/configs/flash_sd3.yaml`)."""
 
     lr: float = opt(1e-5, "AdamW learning rate of the adapters and the head (recipe 1e-5)")
     weight_decay: float = opt(0.01, "AdamW weight decay (torch default, as the recipe)")
