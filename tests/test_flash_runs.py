@@ -3,64 +3,33 @@ an uninterrupted one, the saved adapter, the sample grid. Subprocesses with OMP_
 test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per phase) so every loss is exercised."""
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from flashsd3.training import cli
+from helpers_training import checkpoint_state, demo_cache, metrics, run, train_cmd
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 RUN = ["--batch-size", "4", "--lr", "1e-3", "--teacher-steps", "4", "--phase-batches", "1,1,1", "--guidance-min", "2",
        "--guidance-max", "3", "--lora-rank", "4", "--lora-alpha", "4", "--checkpoint-every", "1", "--keep-checkpoints",
        "0", "--sample-every", "0"]
 
 
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")])))
-    return e
-
-
 def flash(cache: Path, out: Path, *extra, ranks: int = 1, steps: int = STEPS) -> list:
-    head = [sys.executable, "-m", "flashsd3.training.cli"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-        "-m", "flashsd3.training.cli"]
-    return [*head, "flash", "--cache", str(cache), "--out", str(out), "--steps", str(steps), *RUN, *map(str, extra)]
-
-
-def run(cmd: list) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=600)
+    return train_cmd("flash", cache, out, ["--steps", steps, *RUN, *extra], ranks)
 
 
 def state(out: Path, step: int = STEPS) -> dict:
-    return load_file(str(out / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors"))
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return checkpoint_state(out, step)
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flash")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(["a red circle", "a blue square", "a green star", "a cat"][i % 4])
-    assert cli.main(["prepare", "--demo", "--data", str(data), "--resolution", "32", "--out", str(root / "cache")]) == 0
-    return root / "cache"
+    return demo_cache(tmp_path_factory.mktemp("flash"), ["a red circle", "a blue square", "a green star", "a cat"])
 
 
 @pytest.fixture(scope="module")

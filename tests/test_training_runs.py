@@ -5,23 +5,19 @@ Runs are subprocesses (the real entry point, signals, torchrun) with OMP_NUM_THR
 operations do not depend on the machine's load; the bad-input cases call `cli.main` in-process.
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
 from flashsd3.training import cli
+from helpers_training import checkpoint_state, demo_cache, env, metrics, run, train_cmd
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
 RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--lora-rank", "4", "--checkpoint-every", "1",
@@ -29,43 +25,21 @@ RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--lora-rank"
 SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "60"]  # ~1 s per step here: time to deliver a signal
 
 
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    path = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
-    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-    return e
-
-
 def flow(cache: Path, out: Path, *extra, ranks: int = 1) -> list:
-    head = [sys.executable, "-m", "flashsd3.training.cli"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-        "-m", "flashsd3.training.cli"]
-    return [*head, "flow", "--cache", str(cache), "--out", str(out), *RUN, *map(str, extra)]
-
-
-def run(cmd: list) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=600)
+    return train_cmd("flow", cache, out, [*RUN, *extra], ranks)
 
 
 def final(out: Path, step: int = STEPS) -> dict:
-    return load_file(str(out / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors"))
+    return checkpoint_state(out, step)
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in metrics(out)]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(["a red circle", "a blue square", "a green star", ""][i % 4])
-    assert cli.main(["prepare", "--demo", "--data", str(data), "--resolution", "32", "--out", str(root / "cache")]) == 0
-    return root / "cache"
+    return demo_cache(tmp_path_factory.mktemp("runs"), ["a red circle", "a blue square", "a green star", ""])
 
 
 @pytest.fixture(scope="module")
