@@ -8,7 +8,8 @@ from importlib import import_module
 _EXPORTS = {
     "FlashSD3Pipeline": "pipeline", "MMDiT": "mmdit", "Capture": "mmdit", "load_transformer": "mmdit",
     "VAE": "vae", "load_vae": "vae", "TextEncoders": "text_encoders",
-    "load_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
+    "load_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "add_lora": "lora", "save_lora": "lora",
+    "Recipe": "recipes", "RECIPES": "recipes",
     "MMDiTConfig": "config", "VAEConfig": "config", "SD3_MEDIUM": "config", "TINY": "config",
 }
 __all__ = list(_EXPORTS)
