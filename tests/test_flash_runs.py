@@ -3,7 +3,6 @@ an uninterrupted one, the saved adapter, the sample grid. Subprocesses with OMP_
 test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per phase) so every loss is exercised."""
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from flashsd3.training import cli
-from helpers_training import checkpoint_state, demo_cache, metrics, run, train_cmd
+from helpers_training import checkpoint_state, demo_cache, metrics, run, run_torchrun, train_cmd
 
 STEPS = 4
 RUN = ["--batch-size", "4", "--lr", "1e-3", "--teacher-steps", "4", "--phase-batches", "1,1,1", "--guidance-min", "2",
@@ -57,12 +56,7 @@ def test_reference_run_outputs(reference):
 
 def test_two_ranks_equal_one(cache, reference, tmp_path):
     out = tmp_path / "ddp"
-    for _ in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        proc = run(flash(cache, out, ranks=2))
-        # test_cli.py's known teardown abort of a torchrun worker after its work is done: one retry
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            break
+    proc = run_torchrun(flash(cache, out, ranks=2), out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ours, ref = state(out), state(reference)
     assert sorted(ours) == sorted(ref)
