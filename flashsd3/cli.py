@@ -31,7 +31,7 @@ from .preflight import SEED_LIMIT, PreflightError, check_loras, check_seed, mode
 from .settings import Inputs, call, describe, load_edit, metadata, run_recipe, run_size
 
 PROG = "flashsd3-sample"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = ("auto", "fp16", "bf16", "fp32")  # flashsd3.precision: names -> torch dtypes, what auto picks
 SIZE_STEP = 16  # VAE downscale 8 x patch size 2 (SD3 and the demo config); checked again against the model
 DEMO_SIZE = 256  # default --height/--width with --demo: the toy model is fast, its images are noise anyway
 DEMO_PROMPT = "a raccoon reading a book in a lush forest"
@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"repeatable; default {hub.FLASH_SD3_LORA_REPO}:1, 'none' for the base model; "
                         "with --demo only what is given")
     g.add_argument("--t5", action=argparse.BooleanOptionalAction, default=False, help="load the T5-XXL encoder")
-    g.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto (default): fp16 on CUDA, bf16 on a CPU "
+                   "with AMX-BF16 / AVX512-BF16 matrix units, fp32 on other CPUs")
     g.add_argument("--device", default="auto", metavar="DEV", help="auto (cuda if available, else cpu), cpu, cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
@@ -254,13 +255,12 @@ def checked(ranks: Ranks, step):
 # Model and generation ---------------------------------------------------------------------------
 
 def load_pipeline(args, loras, device, dtype: str):
-    import torch
-
     from .lora import load_lora, merge_lora
     from .pipeline import FlashSD3Pipeline
+    from .precision import NAMES
     from .weights import CheckpointError
 
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    torch_dtype = NAMES[dtype]
     try:
         if args.demo:  # fixed weights (seed 0): --seed only picks the noise
             pipe = FlashSD3Pipeline.demo(seed=0, dtype=torch_dtype, device=device)
@@ -322,6 +322,15 @@ def run_metadata(args, inputs: Inputs, dtype: str, negative: str | None) -> dict
             "software": "flashsd3"}
 
 
+def run_dtype(flag: str, device) -> tuple[str, str | None]:
+    """(the dtype's name, a line saying why auto picked it, or None): --dtype auto resolves here, once."""
+    from .precision import auto_dtype, describe_auto, short_name
+
+    if flag != "auto":
+        return flag, None
+    return short_name(auto_dtype(device)), f"dtype {describe_auto(device)}"
+
+
 def run(args, ranks: Ranks, device) -> int:
     say = print if ranks.rank == 0 else (lambda *a, **k: None)
     inputs = checked(ranks, lambda: check_inputs(args))
@@ -329,9 +338,11 @@ def run(args, ranks: Ranks, device) -> int:
     seed = args.seed if args.seed is not None else ranks.from_rank0(random.SystemRandom().randrange(2**31))
     plan = Plan(tuple(prompts), args.num_images, seed)
     checked(ranks, lambda: (check_seed(seed, plan.total), check_out_dir(args.out, plan, args.overwrite, args.json)))
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype, dtype_note = run_dtype(args.dtype, device)
     sharded = f" over {ranks.world} ranks" if ranks.world > 1 else ""
     say(f"seed {seed}: image k uses seed + k ({plural(plan.total)}{sharded}, {dtype} on {device})")
+    if dtype_note:
+        say(dtype_note)
     if args.demo:
         say("note: --demo uses a random toy-width model: its images are noise-like by design", file=sys.stderr)
     if inputs.recipe is not None:
