@@ -332,8 +332,8 @@ def child(cmd: list[str], need_gib: float, cwd: Path) -> dict:
     if free < need_gib:
         return {"skipped": f"{free:.1f} GiB available, {need_gib} needed"}
     before, t0 = load1(), time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -362,9 +362,10 @@ def part_e2e(args, rep: Report) -> None:
         sample = [sys.executable, "-m", "flashsd3.cli", "--model", str(cache / "sd3"), "--lora", str(cache / "flash"),
                   "--prompt", B.PROMPT, "--seed", "0", "--height", str(size), "--width", str(size), "--out", out,
                   "--overwrite"]
+        card = [sys.executable, runs_py, "card", str(cache), "--size", str(size)]
         runs = {"ours, flashsd3-sample (dtype auto)": (sample, 9),
                 "ours, flashsd3-sample --dtype fp32": (sample + ["--dtype", "fp32"], 15),
-                "card: diffusers + peft, float32": ([sys.executable, runs_py, "card", str(cache), "--size", str(size)], 17)}
+                "card: diffusers + peft, float32": (card, 17)}
         results = {}
         for name, (cmd, need) in runs.items():
             print(f"  {name} ...", flush=True)
@@ -387,9 +388,11 @@ def part_e2e(args, rep: Report) -> None:
                      f"{r['load'][0]:.1f} / {r['load'][1]:.1f}", f"{r['free_gib_before']:.1f}"))
     rep.table(("run", "generate s", "card / this", "model load s", "process wall s", "peak RSS GiB",
                "load before / after", "GiB free before"), rows)
-    lines = [f"load_transformer alone ({dtype}): peak RSS {json.loads(r['output'].splitlines()[-1])['peak_rss_gib']:.2f}"
-             f" GiB for {json.loads(r['output'].splitlines()[-1])['weights_gib']:.2f} GiB of weights, "
-             f"{json.loads(r['output'].splitlines()[-1])['load_s']:.1f} s" for dtype, r in loads.items()]
+    lines = []
+    for dtype, r in loads.items():
+        got = json.loads(r["output"].splitlines()[-1])
+        lines.append(f"load_transformer alone ({dtype}): peak RSS {got['peak_rss_gib']:.2f} GiB for "
+                     f"{got['weights_gib']:.2f} GiB of weights, {got['load_s']:.1f} s")
     rep.add("", "Loading the fp16 transformer file (as published):", *[f"- {ln}" for ln in lines])
     rep.rows.append({"e2e": {k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in results.items()}})
     if "skipped" not in ours and "skipped" not in card:
@@ -411,7 +414,7 @@ def header(args) -> list[str]:
     return [f"# flashsd3 bf16 on a CPU: {cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores",
             "", f"`python bench/cpu_bf16.py {' '.join(sys.argv[1:])}`", "",
             f"bf16 matrix units: {cpu_bf16_units() or 'none'}; torch {torch.__version__}, diffusers "
-            f"{diffusers.__version__}, peft {peft.__version__}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
+            f"{diffusers.__version__}, peft {peft.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}; "
             f"{available_gib():.1f} GiB available at start; load average at start {os.getloadavg()}.",
             "", f"Rates of this run: bf16 matmul 2048^3 {args.rate / 1e12:.3f} TFLOP/s (float32 "
             f"{args.rate32 / 1e12:.3f}), bf16 3x3 conv {args.conv_rate / 1e12:.3f} TFLOP/s (best of several)."]

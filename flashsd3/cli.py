@@ -31,7 +31,7 @@ from .preflight import SEED_LIMIT, PreflightError, check_loras, check_seed, mode
 from .settings import Inputs, call, describe, load_edit, metadata, run_recipe, run_size
 
 PROG = "flashsd3-sample"
-DTYPES = ("auto", "fp16", "bf16", "fp32")  # flashsd3.precision: names -> torch dtypes, what auto picks
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # and "auto" (flashsd3.precision)
 SIZE_STEP = 16  # VAE downscale 8 x patch size 2 (SD3 and the demo config); checked again against the model
 DEMO_SIZE = 256  # default --height/--width with --demo: the toy model is fast, its images are noise anyway
 DEMO_PROMPT = "a raccoon reading a book in a lush forest"
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"repeatable; default {hub.FLASH_SD3_LORA_REPO}:1, 'none' for the base model; "
                         "with --demo only what is given")
     g.add_argument("--t5", action=argparse.BooleanOptionalAction, default=False, help="load the T5-XXL encoder")
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto (default): fp16 on CUDA, bf16 on a CPU "
-                   "with AMX-BF16 / AVX512-BF16 matrix units, fp32 on other CPUs")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto (default): fp16 on CUDA, bf16 "
+                   "on a CPU with AMX-BF16 / AVX512-BF16 matrix units, fp32 on other CPUs")
     g.add_argument("--device", default="auto", metavar="DEV", help="auto (cuda if available, else cpu), cpu, cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
@@ -255,12 +255,13 @@ def checked(ranks: Ranks, step):
 # Model and generation ---------------------------------------------------------------------------
 
 def load_pipeline(args, loras, device, dtype: str):
+    import torch
+
     from .lora import load_lora, merge_lora
     from .pipeline import FlashSD3Pipeline
-    from .precision import NAMES
     from .weights import CheckpointError
 
-    torch_dtype = NAMES[dtype]
+    torch_dtype = getattr(torch, DTYPES[dtype])
     try:
         if args.demo:  # fixed weights (seed 0): --seed only picks the noise
             pipe = FlashSD3Pipeline.demo(seed=0, dtype=torch_dtype, device=device)
