@@ -373,8 +373,8 @@ def part_e2e(args, rep: Report) -> None:
                   "--prompt", B.PROMPT, "--seed", "0", "--height", str(size), "--width", str(size), "--out", out,
                   "--overwrite"]
         card = [sys.executable, runs_py, "card", str(cache), "--size", str(size)]
-        runs = {"ours, flashsd3-sample (dtype auto)": (sample, 9),
-                "ours, flashsd3-sample --dtype fp32": (sample + ["--dtype", "fp32"], 15),
+        runs = {"ours, flashsd3-sample (dtype auto)": (sample, 10),
+                "ours, flashsd3-sample --dtype fp32": (sample + ["--dtype", "fp32"], 18),
                 "card: diffusers + peft, float32": (card, 17)}
         results = {}
         for name, (cmd, need) in runs.items():
