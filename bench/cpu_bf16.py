@@ -10,15 +10,16 @@ Parts, in this order (`--parts`):
                Flash LoRA merged in both, same weights), the card (diffusers + peft unmerged, float32), and SDPA
                alone at the forward's shape x depth; interleaved run by run. Floor = FLOPs / best bf16 2048^3
                matmul rate of this run.
-  full         the same at depth 24 and 1024 px, one run each: the card alone first (8.7 GB), then its weights
-               are cast to bf16 in place and ours converted from them; ours, diffusers and SDPA interleaved.
+  full         the same at depth 24 and 1024 px: the card alone first, once (8.7 GB), then its weights are cast
+               to bf16 in place and ours converted from them; ours, diffusers and SDPA interleaved, two runs each.
   vae          decode at `--vae-size`: ours bf16 vs diffusers bf16 vs the conv floor (FLOPs / best bf16 3x3 conv
                rate); then bf16 vs float32 decode of the same latents, in image terms (the dtype decision).
   compile      ours bf16 under torch.compile at `--depth`, `--size`: compile time, steady-state gain, break-even.
   e2e          1024 px, 4 Flash steps, CLIP-L/G + transformer + VAE loaded from a random-weights SD3-medium folder
                (bench/cpu_runs.py make, fp16 as published, kept in `--cache`): `flashsd3-sample` (dtype auto), the
-               same with `--dtype fp32`, and the card's code in float32, one process each (wall time, peak RSS);
-               then `load_transformer` alone in bf16 and float32 (peak RSS of loading).
+               same with `--dtype fp32`, and the card's code in float32, one process each (wall time, peak RSS of
+               the process itself, VmHWM); then `load_transformer` alone in bf16 and float32 (peak RSS of loading).
+               A run is skipped (and says so) when the machine has less memory available than it needs.
 Every timed run records the 1-minute load average before and after it; the report prints each variant's range.
 The targets checked at the end say PASS, or MISS and by how much.
 """
@@ -49,7 +50,7 @@ import flops as F  # noqa: E402
 
 from flashsd3 import MMDiT, load_lora, merge_lora  # noqa: E402
 from flashsd3.config import FLASH_SD3_ADAPTER, SD3_MEDIUM, SD3_VAE  # noqa: E402
-from flashsd3.cpu_memory import keep_freed_memory  # noqa: E402
+from flashsd3.cpu_memory import keep_freed_memory, release_freed_memory  # noqa: E402
 from flashsd3.precision import cpu_bf16_units  # noqa: E402
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -221,16 +222,16 @@ def sdpa_alone(cfg, size: int, depth: int):
 
 def part_transformer(args, rep: Report, full: bool) -> None:
     depth, size = (24, 1024) if full else (args.depth, args.size)
-    runs, warmup = (1, 0) if full else (args.runs, args.warmup)
+    runs, warmup = (2, 0) if full else (args.runs, args.warmup)
     label = f"depth {depth}, {size}x{size}"
     rep.add("", f"## Transformer forward at SD3-medium width, {label}", "")
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         cfg, card = card_model(depth, folder)
         inp32, inp16 = transformer_inputs(cfg, size, FP32), transformer_inputs(cfg, size, BF16)
         card_v = Timed("card: diffusers + peft unmerged, float32", lambda: call_diffusers(card, inp32))
-        if full:  # alone, then its memory becomes the bf16 models
+        if full:  # alone, once, then its memory becomes the bf16 models
             print(f"  built; {available_gib():.1f} GiB available", flush=True)
-            interleave([card_v], runs, warmup)
+            interleave([card_v], 1, 0)
             ref = card_v.out
         else:
             ref = call_diffusers(card, inp32)
@@ -337,21 +338,21 @@ def part_compile(args, rep: Report) -> None:
 # End to end (one process each) -------------------------------------------------------------------
 
 def child(cmd: list[str], need_gib: float, cwd: Path) -> dict:
-    """Run `cmd`; its wall time, peak RSS (os.wait4) and load before / after. Refused below `need_gib` free."""
+    """Run `cmd` (a bench/cpu_runs.py command, which prints its own peak RSS); wall time, load before / after,
+    and its last JSON line. Refused below `need_gib` available, this process's freed memory given back first."""
+    release_freed_memory()
     free = available_gib()
     if free < need_gib:
         return {"skipped": f"{free:.1f} GiB available, {need_gib} needed"}
     before, t0 = load1(), time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = {"wall_s": time.perf_counter() - t0, "peak_rss_gib": usage.ru_maxrss / 2**20, "load": (before, load1()),
-           "free_gib_before": free, "code": proc.returncode, "output": output}
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return out
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return {"wall_s": time.perf_counter() - t0, "load": (before, load1()), "free_gib_before": free,
+            "output": proc.stdout, **json.loads(lines[-1])}
 
 
 def cli_times(output: str) -> dict:
@@ -369,20 +370,19 @@ def part_e2e(args, rep: Report) -> None:
         print(f"  writing the random-weights SD3-medium folder to {cache}", flush=True)
         child([sys.executable, runs_py, "make", str(cache)], 8, ROOT)
     with tempfile.TemporaryDirectory() as out:
-        sample = [sys.executable, "-m", "flashsd3.cli", "--model", str(cache / "sd3"), "--lora", str(cache / "flash"),
-                  "--prompt", B.PROMPT, "--seed", "0", "--height", str(size), "--width", str(size), "--out", out,
-                  "--overwrite"]
+        sample = [sys.executable, runs_py, "sample", str(cache), "--", "--model", str(cache / "sd3"), "--lora",
+                  str(cache / "flash"), "--prompt", B.PROMPT, "--seed", "0", "--height", str(size), "--width",
+                  str(size), "--out", out, "--overwrite"]
         card = [sys.executable, runs_py, "card", str(cache), "--size", str(size)]
         runs = {"ours, flashsd3-sample (dtype auto)": (sample, 10),
-                "ours, flashsd3-sample --dtype fp32": (sample + ["--dtype", "fp32"], 18),
-                "card: diffusers + peft, float32": (card, 17)}
+                "ours, flashsd3-sample --dtype fp32": (sample + ["--dtype", "fp32"], 17.5),
+                "card: diffusers + peft, float32": (card, 17.5)}
         results = {}
         for name, (cmd, need) in runs.items():
             print(f"  {name} ...", flush=True)
             r = child(cmd, need, Path(out))
-            if "skipped" not in r:
-                lines = [ln for ln in r["output"].splitlines() if ln.startswith("{")]
-                r.update(json.loads(lines[-1]) if lines else cli_times(r["output"]))
+            if "skipped" not in r and "generate_s" not in r:
+                r.update(cli_times(r["output"]))
             results[name] = r
             print(f"  {name}: {json.dumps({k: v for k, v in r.items() if k != 'output'})}", flush=True)
     loads = {dtype: child([sys.executable, runs_py, "load", str(cache), "--dtype", dtype], 10, ROOT)
@@ -398,16 +398,16 @@ def part_e2e(args, rep: Report) -> None:
                      f"{r['load'][0]:.1f} / {r['load'][1]:.1f}", f"{r['free_gib_before']:.1f}"))
     rep.table(("run", "generate s", "card / this", "model load s", "process wall s", "peak RSS GiB",
                "load before / after", "GiB free before"), rows)
-    lines = []
-    for dtype, r in loads.items():
-        got = json.loads(r["output"].splitlines()[-1])
-        lines.append(f"load_transformer alone ({dtype}): peak RSS {got['peak_rss_gib']:.2f} GiB for "
-                     f"{got['weights_gib']:.2f} GiB of weights, {got['load_s']:.1f} s")
+    lines = [f"load_transformer alone ({dtype}): peak RSS {r['peak_rss_gib']:.2f} GiB for {r['weights_gib']:.2f} GiB "
+             f"of weights, {r['load_s']:.1f} s" for dtype, r in loads.items()]
     rep.add("", "Loading the fp16 transformer file (as published):", *[f"- {ln}" for ln in lines])
     rep.rows.append({"e2e": {k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in results.items()}})
     if "skipped" not in ours and "skipped" not in card:
         rep.target("end to end: ours auto / card float32 (generate time)", ours["generate_s"] / card["generate_s"],
                    TARGETS["e2e"])
+    if "skipped" not in ours and "skipped" not in card:
+        rep.target("end to end: peak RSS ours bf16 / card float32", ours["peak_rss_gib"] / card["peak_rss_gib"],
+                   TARGETS["rss"])
     if "skipped" not in ours and "skipped" not in fp32:
         rep.target("end to end: peak RSS ours bf16 / ours float32", ours["peak_rss_gib"] / fp32["peak_rss_gib"],
                    TARGETS["rss"])
@@ -468,6 +468,7 @@ def main(argv=None) -> None:
     rep.add(*header(args))
     start = time.perf_counter()
     for part in args.parts:
+        release_freed_memory()  # the last part's models: back to the OS
         measure_rates(args)
         t0 = time.perf_counter()
         if part in ("transformer", "full"):

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """The separate processes of bench/cpu_bf16.py (each one's peak RSS is its own): a random-weights SD3-medium
-folder on disk, the model card's recipe run from it, and a bare transformer load.
+folder on disk, flashsd3-sample and the model card's recipe run from it, and a bare transformer load.
 
     python bench/cpu_runs.py make DIR          # DIR/sd3 (diffusers layout, fp16 as published) + DIR/flash (PEFT)
+    python bench/cpu_runs.py sample DIR -- --prompt ... [flashsd3-sample flags]   # the CLI, then its peak RSS
     python bench/cpu_runs.py card DIR          # diffusers + peft, float32: the card's recipe as a CPU user runs it
     python bench/cpu_runs.py load DIR --dtype bf16   # flashsd3.load_transformer alone
 
 `make` writes what `from_pretrained` reads from stabilityai/stable-diffusion-3-medium-diffusers (transformer,
 VAE, CLIP-L/G, tokenizers, scheduler; no T5, as the Flash recipe) and a Flash-shaped adapter (rank 64, alpha 8,
 the published targets, float32 as published), all random (bench/benchmark.py `materialize`: LeCun-scaled). Each
-run prints one JSON line: seconds to load, seconds to generate, peak RSS (GiB, this process).
+run prints one JSON line: seconds to load, seconds to generate, peak RSS in GiB (VmHWM: this process's own
+peak; getrusage's ru_maxrss would also count the parent's memory at the fork). torch is imported inside the
+functions, so `sample` runs flashsd3-sample exactly as the console script does (it sets MKL's environment first).
 """
 from __future__ import annotations
 
@@ -21,8 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -31,13 +32,18 @@ PROMPT = "a raccoon reading a book in a lush forest, golden hour"
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's own peak resident memory (VmHWM of its address space), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not Linux: the closest there is
 
 
 def make(folder: Path, depth: int) -> None:
     """DIR/sd3: the diffusers pipeline folder, fp16; DIR/flash: the adapter. One component in memory at a time;
     `depth` < 24 only for quick checks of this script."""
     import benchmark as B
+    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPTextModelWithProjection
@@ -80,6 +86,7 @@ def make(folder: Path, depth: int) -> None:
 def random_transformer(cfg):
     """SD3Transformer2DModel at `cfg`, fp16, random (bench/benchmark.py's scheme), built without a float32 copy."""
     import benchmark as B
+    import torch
     from diffusers import SD3Transformer2DModel
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -95,6 +102,7 @@ def card(folder: Path, size: int, steps: int) -> None:
     """The Flash SD3 model card's code with torch_dtype=torch.float32 on the CPU (a CPU cannot run its fp16):
     SD3Transformer2DModel + PeftModel.from_pretrained (adapter unmerged), StableDiffusion3Pipeline without T5,
     4 steps, guidance 0; the Flash step is diffusers' stochastic Euler (bench/benchmark.py)."""
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from peft import PeftModel
 
@@ -124,7 +132,21 @@ def load(folder: Path, dtype: str) -> None:
                       "dtype": str(model.dtype), "peak_rss_gib": round(peak_rss_gib(), 2)}))
 
 
+def sample(cli_args: list[str]) -> None:
+    """flashsd3-sample in this process (its main sets MKL's environment and the allocator, then imports torch)."""
+    from flashsd3 import cli
+
+    code = cli.main(cli_args)
+    print(json.dumps({"code": code, "peak_rss_gib": round(peak_rss_gib(), 2)}))
+    sys.exit(code)
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:  # everything after `--` goes to flashsd3-sample
+        return sample(argv[argv.index("--") + 1:])
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["make", "card", "load"])
     p.add_argument("folder", type=Path)

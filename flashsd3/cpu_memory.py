@@ -21,11 +21,25 @@ NEVER_TRIM = (1 << 31) - 1  # bytes (mallopt takes an int): never give the top o
 
 def keep_freed_memory() -> bool:
     """True if glibc accepted both settings (this process only)."""
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def release_freed_memory() -> bool:
+    """Give the freed memory kept so far back to the OS now (malloc_trim), e.g. before starting another large
+    process; True if glibc released some."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc has both; musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
