@@ -124,8 +124,7 @@ def conv_rate(dtype) -> float:
 
 
 def measure_rates(args) -> None:
-    """The rates again (before each part); the floors use the best seen so far: a floor must not be slower
-    than what the hardware has shown in this run (a busy machine depresses any single measurement)."""
+    """The rates again (before each part and at the end); the floors use the best of the run."""
     now = (matmul_rate(BF16), matmul_rate(FP32), conv_rate(BF16), load1())
     args.rates = getattr(args, "rates", []) + [now]
     args.rate, args.rate32, args.conv_rate = (max(getattr(args, k), v) for k, v in
@@ -157,6 +156,18 @@ class Report:
         self.table(head, [(v.name, f"{v.median:.0f}", f"{min(v.ms):.0f}", f"{max(v.ms):.0f}", v.load_range(),
                            *extra[v.name].values()) for v in variants])
         self.rows += [dict(variant=v.name, ms=[round(m, 1) for m in v.ms], load=v.loads) for v in variants]
+
+    def later(self, render) -> None:
+        """A section rendered by `finish`, once every rate of the run is known."""
+        self.lines.append(render)
+
+    def finish(self) -> None:
+        lines, self.lines = self.lines, []
+        for item in lines:
+            if callable(item):
+                item(self)
+            else:
+                self.lines.append(item)
 
     def target(self, label: str, value: float, limit: float) -> None:
         verdict = "PASS" if value <= limit else f"MISS by {value / limit:.2f}x"
@@ -241,27 +252,32 @@ def part_transformer(args, rep: Report, full: bool) -> None:
         sdpa_v = Timed(f"SDPA alone (bf16) x {depth}", sdpa_alone(cfg, size, depth))
         interleave([ours_v, diff_v, sdpa_v] + ([] if full else [card_v]), runs, warmup)
         errs = [B.rel_err(v.out, ref) for v in (ours_v, diff_v)]
-    flop = F.mmdit_flops(B.mmdit_shape(cfg), 1, size // 8, size // 8, B.CTX_TOKENS)
-    attn = depth * F.attention(1, (size // 16) ** 2 + B.CTX_TOKENS, cfg.hidden_size)
-    floor = flop / args.rate * 1e3
+    def render(rep: Report) -> None:  # after the last part: the floors use the run's best rates
+        flop = F.mmdit_flops(B.mmdit_shape(cfg), 1, size // 8, size // 8, B.CTX_TOKENS)
+        attn = depth * F.attention(1, (size // 16) ** 2 + B.CTX_TOKENS, cfg.hidden_size)
+        floor = flop / args.rate * 1e3
 
-    def extra(v: Timed, f: int) -> dict[str, str]:
-        return {"/ ours bf16": f"{v.median / ours_v.median:.2f}", "floor ms": f"{f / args.rate * 1e3:.0f}",
-                "/ floor": f"{v.median / (f / args.rate * 1e3):.2f}", "GFLOP/s": f"{f / v.median / 1e6:.0f}"}
+        def extra(v: Timed, f: int) -> dict[str, str]:
+            return {"/ ours bf16": f"{v.median / ours_v.median:.2f}", "floor ms": f"{f / args.rate * 1e3:.0f}",
+                    "/ floor": f"{v.median / (f / args.rate * 1e3):.2f}", "GFLOP/s": f"{f / v.median / 1e6:.0f}"}
 
-    variants = [ours_v, diff_v, card_v, sdpa_v]
-    rep.timed_table(variants, {v.name: extra(v, attn if v is sdpa_v else flop) for v in variants})
-    rest = ours_v.median - sdpa_v.median
-    rep.add("", f"{flop / 1e9:.0f} GFLOP per forward, attention's QK^T and PV {attn / 1e9:.0f} of them "
-                f"({100 * attn / flop:.0f}%); bf16 matmul rate {args.rate / 1e12:.3f} TFLOP/s, so the floor is "
-                f"{floor:.0f} ms. Ours = SDPA {sdpa_v.median:.0f} ms ({100 * sdpa_v.median / ours_v.median:.0f}%, at "
-                f"{attn / sdpa_v.median / 1e6:.0f} GFLOP/s) + everything else {rest:.0f} ms (the other FLOPs at "
-                f"{(flop - attn) / rest / 1e6:.0f} GFLOP/s, {100 * (flop - attn) / rest / args.rate * 1e3:.0f}% "
-                "of the matmul rate).",
-            f"Card float32 / ours bf16: {card_v.median / ours_v.median:.2f}x. Agreement with the card's float32 "
-            f"output (relative L2): ours bf16 {errs[0]:.2e}, diffusers bf16 {errs[1]:.2e}.")
-    rep.target(f"transformer {label}: ours bf16 / bf16 matmul floor", ours_v.median / floor, TARGETS["floor"])
-    rep.target(f"transformer {label}: ours bf16 / diffusers bf16", ours_v.median / diff_v.median, TARGETS["diffusers"])
+        variants = [ours_v, diff_v, card_v, sdpa_v]
+        rep.timed_table(variants, {v.name: extra(v, attn if v is sdpa_v else flop) for v in variants})
+        rest = ours_v.median - sdpa_v.median
+        rep.add("", f"{flop / 1e9:.0f} GFLOP per forward, attention's QK^T and PV {attn / 1e9:.0f} of them "
+                    f"({100 * attn / flop:.0f}%); bf16 matmul rate {args.rate / 1e12:.3f} TFLOP/s, so the floor is "
+                    f"{floor:.0f} ms. Ours = SDPA {sdpa_v.median:.0f} ms "
+                    f"({100 * sdpa_v.median / ours_v.median:.0f}%, at "
+                    f"{attn / sdpa_v.median / 1e6:.0f} GFLOP/s) + everything else {rest:.0f} ms (the other FLOPs at "
+                    f"{(flop - attn) / rest / 1e6:.0f} GFLOP/s, {100 * (flop - attn) / rest / args.rate * 1e3:.0f}% "
+                    "of the matmul rate).",
+                f"Card float32 / ours bf16: {card_v.median / ours_v.median:.2f}x. Agreement with the card's float32 "
+                f"output (relative L2): ours bf16 {errs[0]:.2e}, diffusers bf16 {errs[1]:.2e}.")
+        rep.target(f"transformer {label}: ours bf16 / bf16 matmul floor", ours_v.median / floor, TARGETS["floor"])
+        rep.target(f"transformer {label}: ours bf16 / diffusers bf16", ours_v.median / diff_v.median,
+                   TARGETS["diffusers"])
+
+    rep.later(render)
 
 
 # VAE ---------------------------------------------------------------------------------------------
@@ -289,20 +305,23 @@ def part_vae(args, rep: Report) -> None:
         ours_v = Timed("ours bf16", lambda: ours.decode(z16))
         diff_v = Timed("diffusers bf16", lambda: ref_vae.decode(z16).sample)
         interleave([ours_v, diff_v], args.runs, args.warmup)
-    flop = F.vae_decode_flops(SD3_VAE.block_out_channels, SD3_VAE.layers_per_block, SD3_VAE.latent_channels,
-                              SD3_VAE.out_channels, 1, h // 8, w // 8)
-    floor = flop / args.conv_rate * 1e3
+    def render(rep: Report) -> None:  # after the last part: the floors use the run's best rates
+        flop = F.vae_decode_flops(SD3_VAE.block_out_channels, SD3_VAE.layers_per_block, SD3_VAE.latent_channels,
+                                  SD3_VAE.out_channels, 1, h // 8, w // 8)
+        floor = flop / args.conv_rate * 1e3
 
-    def extra(v: Timed) -> dict[str, str]:
-        return {"/ ours bf16": f"{v.median / ours_v.median:.2f}", "/ conv floor": f"{v.median / floor:.2f}",
-                "GFLOP/s": f"{flop / v.median / 1e6:.0f}"}
+        def extra(v: Timed) -> dict[str, str]:
+            return {"/ ours bf16": f"{v.median / ours_v.median:.2f}", "/ conv floor": f"{v.median / floor:.2f}",
+                    "GFLOP/s": f"{flop / v.median / 1e6:.0f}"}
 
-    variants = [ours_v, diff_v, fp32_v]
-    rep.timed_table(variants, {v.name: extra(v) for v in variants})
-    rep.add("", f"{flop / 1e9:.0f} GFLOP per decode; best bf16 3x3 conv rate {args.conv_rate / 1e12:.3f} TFLOP/s "
-                f"(256 channels at 512^2, channels-last) -> conv floor {floor:.0f} ms.",
-            f"bf16 vs float32 decode of the same latents (ours): {image_levels(ours_v.out, fp32_v.out)}.",
-            f"diffusers bf16 vs ours float32: {image_levels(diff_v.out, fp32_v.out)}.")
+        variants = [ours_v, diff_v, fp32_v]
+        rep.timed_table(variants, {v.name: extra(v) for v in variants})
+        rep.add("", f"{flop / 1e9:.0f} GFLOP per decode; best bf16 3x3 conv rate {args.conv_rate / 1e12:.3f} TFLOP/s "
+                    f"(256 channels at 512^2, channels-last) -> conv floor {floor:.0f} ms.",
+                f"bf16 vs float32 decode of the same latents (ours): {image_levels(ours_v.out, fp32_v.out)}.",
+                f"diffusers bf16 vs ours float32: {image_levels(diff_v.out, fp32_v.out)}.")
+
+    rep.later(render)
 
 
 # Compile -----------------------------------------------------------------------------------------
@@ -315,10 +334,15 @@ def part_compile(args, rep: Report) -> None:
         eager = MMDiT(cfg).to(BF16).eval()
         compiled = copy.deepcopy(eager)
         inp = transformer_inputs(cfg, args.size, BF16)
-        start, before = time.perf_counter(), load1()
-        compiled.compile()  # as `flashsd3-sample --compile`
-        first = call_ours(compiled, inp)
-        compile_s = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as cache:  # a cold compile: no kernels cached by an earlier run
+            os.environ["TORCHINDUCTOR_CACHE_DIR"], saved = cache, os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            torch._dynamo.reset()
+            start, before = time.perf_counter(), load1()
+            compiled.compile()  # as `flashsd3-sample --compile`
+            first = call_ours(compiled, inp)
+            compile_s = time.perf_counter() - start
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if saved is None else os.environ.update(
+                TORCHINDUCTOR_CACHE_DIR=saved)
         eager_v = Timed("ours bf16 eager", lambda: call_ours(eager, inp))
         comp_v = Timed("ours bf16 compiled", lambda: call_ours(compiled, inp))
         interleave([eager_v, comp_v], args.runs, args.warmup)
@@ -426,10 +450,8 @@ def header(args) -> list[str]:
             f"bf16 matrix units: {cpu_bf16_units() or 'none'}; torch {torch.__version__}, diffusers "
             f"{diffusers.__version__}, peft {peft.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}; "
             f"{available_gib():.1f} GiB available at start; load average at start {os.getloadavg()}.",
-            "", f"Rates at start: bf16 matmul 2048^3 {args.rate / 1e12:.3f} TFLOP/s (float32 "
-            f"{args.rate32 / 1e12:.3f}), "
-            f"bf16 3x3 conv {args.conv_rate / 1e12:.3f} TFLOP/s (best of several tries; measured again before each "
-            "part, see the end).", "",
+            "", "Rates (bf16 2048^3 matmul, float32 matmul, bf16 3x3 conv): measured before each part and at the end, "
+            "listed under Targets.", "",
             f"glibc keeps freed memory for reuse in this process (`flashsd3.cpu_memory.keep_freed_memory`, as "
             f"flashsd3-sample does; both sides of the in-process parts run with it): {args.kept}."]
 
@@ -442,7 +464,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=1024, help="image px of the repeated transformer runs")
     p.add_argument("--vae-size", type=int, default=1024)
     p.add_argument("--e2e-size", type=int, default=1024)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--cache", default="~/.cache/flashsd3-bench/sd3-random",
@@ -476,10 +498,14 @@ def main(argv=None) -> None:
         else:
             {"vae": part_vae, "compile": part_compile, "e2e": part_e2e}[part](args, rep)
         print(f"  ({part}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    release_freed_memory()
+    measure_rates(args)
+    rep.finish()
     rep.add("", "## Targets", "", *rep.targets, "",
             "Rates measured before each part (TFLOP/s, bf16 matmul / float32 matmul / bf16 conv, 1-min load): "
             + "; ".join(f"{a / 1e12:.3f} / {b / 1e12:.3f} / {c / 1e12:.3f} ({ld:.1f})" for a, b, c, ld in args.rates)
-            + ". Each floor above uses the best bf16 rate seen up to its part.", "",
+            + ", and once more at the end. The floors use the best of them (a busy machine depresses any single "
+            "measurement; a floor must not be slower than what the hardware showed in this run).", "",
             f"Wall time of this command: {(time.perf_counter() - start) / 60:.1f} min; load average at the end "
             f"{os.getloadavg()}.")
     if args.out:
