@@ -23,10 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .. import hub
-from ..weights import CheckpointError, Reader, SafetensorsReader, brief, listing, refuse_pickle
+from ..weights import CheckpointError, Reader, SafetensorsReader, all_finite, brief, listing, refuse_pickle
 from .keys import Target, diffusers_targets, original_targets, underscored
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -98,13 +99,18 @@ class Piece:
 
 # Finding the files -------------------------------------------------------------------------------
 
-def open_lora(source: str | Path) -> LoRASource:
-    """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id."""
+def open_lora(source: str | Path | LoRASource) -> LoRASource:
+    """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id (an opened
+    LoRASource is returned as it is, so a caller that plans one file onto several models opens it once)."""
+    if isinstance(source, LoRASource):
+        return source
     path, label = Path(source), Path(source).name
     if not path.exists():
-        if not hub.looks_like_repo_id(str(source)):
+        if not hub.looks_like_repo_id(str(source)) or path.parent.is_dir():  # 'loras/x': a local folder's
             raise FileNotFoundError(f"LoRA not found: {source} (neither a local path nor a Hub repo id)")
         path = _download(str(source))  # a snapshot folder named by commit hash: keep the repo's name
+    if not path.is_file() and not path.is_dir():
+        raise LoRAError(f"{path}: not a file or folder (a device, pipe or socket); give a LoRA folder or file")
     if path.is_file():
         refuse_pickle(path)
         config = path.parent / PEFT_CONFIG if path.name == PEFT_WEIGHTS else None
@@ -140,6 +146,17 @@ def _source(files: list[Path], peft_config: Path | None, label: str) -> LoRASour
         raise LoRAError(f"{reader.name}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
     config = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
     return LoRASource(reader, config or None, f"{reader.name} metadata {METADATA_KEY!r}", label)
+
+
+def read_finite(reader: Reader, key: str, *, dtype: torch.dtype | None, device) -> torch.Tensor:
+    """One LoRA tensor as `dtype` (None: the file's) on `device`, refused if it holds NaN/inf (one pass, on
+    the device): such an adapter makes every image NaN, and every file written from it too."""
+    t = reader.get(key).to(device=device, dtype=dtype)
+    if not all_finite(t):
+        raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
+                        "every image would be NaN (a damaged file, a diverged training run, or values too large "
+                        "for this dtype)")
+    return t
 
 
 # Recognising the layout ----------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..weights import all_finite
-from .formats import LoRAError, Piece, open_lora, plan_lora
+from .formats import LoRAError, Piece, open_lora, plan_lora, read_finite
 from .layers import LoRALayer, LoRAUpdate, wrap
 
 
@@ -122,13 +121,8 @@ def _update(piece: Piece, reader, weight: torch.Tensor) -> LoRAUpdate:
 
 
 def _read(reader, key: str, weight: torch.Tensor) -> torch.Tensor:
-    """One LoRA tensor in the layer's dtype and device, refused if it holds NaN/inf (one pass, on the device)."""
-    t = reader.get(key).to(device=weight.device, dtype=weight.dtype)
-    if not all_finite(t):
-        raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
-                        "every image would be NaN (a damaged file, a diverged training run, or values too large "
-                        "for this dtype)")
-    return t
+    """One LoRA tensor in the layer's dtype and device, refused if it holds NaN/inf."""
+    return read_finite(reader, key, dtype=weight.dtype, device=weight.device)
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:

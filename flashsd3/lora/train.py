@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FLASH_SD3_ADAPTER
-from .formats import LoRAError, open_lora, peft_selects, plan_lora
+from .formats import LoRAError, LoRASource, open_lora, peft_selects, plan_lora, read_finite
 from .keys import Target, diffusers_targets, original_targets
 from .layers import LoRALayer, LoRAUpdate
 from .lora import _lora_layer, _lora_layers, _names, _new_name, lora_info
@@ -189,7 +189,7 @@ def make_trainable(model: nn.Module, name: str, dtype: torch.dtype = torch.float
     freeze_base(model)
 
 
-def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | None = None,
+def load_trainable_lora(model: nn.Module, source: str | Path | LoRASource, *, name: str | None = None,
                         dtype: torch.dtype | None = torch.float32, device: torch.device | str | None = None) -> str:
     """Add the LoRA file at `source` (any layout load_lora reads) as a trainable adapter: A and B as
     `dtype` Parameters (None: the file's dtype) on `device` (None: each layer's device)."""
@@ -199,7 +199,8 @@ def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | Non
     for piece in plan_lora(model, src):
         weight = model.get_submodule(piece.target.module).weight
         kw = dict(dtype=dtype, device=weight.device if device is None else device)
-        A, B = src.reader.get(piece.a_key).to(**kw), our_rows(piece.target, src.reader.get(piece.b_key).to(**kw))
+        A = read_finite(src.reader, piece.a_key, **kw)
+        B = our_rows(piece.target, read_finite(src.reader, piece.b_key, **kw))
         update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
         by_layer.setdefault(piece.target.module, []).append(update)
     for module, updates in by_layer.items():
