@@ -203,9 +203,12 @@ def check_source(source: str, flag: str) -> None:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
-        try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first prompt
+            lines = args.prompts_file.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start}): save it as UTF-8") from None
+        except OSError as e:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
         from_file = [line.strip() for line in lines if line.strip()]
         if not from_file:

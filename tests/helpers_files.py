@@ -32,3 +32,19 @@ def one_error_line(stderr: str, prog: str) -> str:
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A 70-byte PNG whose header claims width x height pixels (10^10 by default): a decompression bomb.
+    Its one IDAT chunk is a valid zlib stream of a single row, so only a decoder that trusts the header
+    allocates the full image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path

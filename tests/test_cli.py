@@ -22,6 +22,7 @@ from PIL import Image
 from flashsd3 import cli
 from flashsd3.config import TINY
 from flashsd3.outputs import new_file_mode, slugify
+from helpers_files import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "Café Ünïcode: a city at night!", "a bowl of ramen"]
@@ -271,6 +272,8 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "empty prompts file": (["--demo", "--prompts-file", "{tmp}/empty.txt"], "has no prompts"),
     "missing prompts file": (["--demo", "--prompts-file", "{tmp}/nope.txt"], "cannot read --prompts-file"),
     "prompts file under ~": (["--demo", "--prompts-file", "~/nope.txt"], "--prompts-file {tmp}/nope.txt"),
+    "prompts file not UTF-8": (["--demo", "--prompts-file", "{tmp}/latin1.txt"],
+                               "--prompts-file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)"),
     "height not /16": (["--demo", "--height", "100"], "multiple of 16"),
     "width beyond table": (["--demo", "--width", "2048"], "--width 2048 exceeds the position table"),
     "size beyond a local model's table": (["--prompt", "x", "--model", "{tmp}/tiny", "--lora", "none",
@@ -304,6 +307,11 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "mask without image": (["--demo", "--mask", "{tmp}/mask.png"], "--mask needs --image"),
     "missing image": (["--demo", "--image", "{tmp}/nope.png"], "--image: image '{tmp}/nope.png' does not exist"),
     "unreadable image": (["--demo", "--image", "{tmp}/empty.txt"], "--image: cannot read image '{tmp}/empty.txt'"),
+    "image is a folder": (["--demo", "--image", "{tmp}/crowded"], "--image: image '{tmp}/crowded' is not a file"),
+    "image decompression bomb": (["--demo", "--image", "{tmp}/bomb.png"],
+                                 "--image: image '{tmp}/bomb.png': refused before decoding"),
+    "mask decompression bomb": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/bomb.png"],
+                                "--mask: mask '{tmp}/bomb.png': refused before decoding"),
     "mask of another size": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/small_mask.png"],
                              "mask is 32x32 but the image is 80x64 (width x height)"),
     "mask with colour": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/img.png"],
@@ -352,6 +360,8 @@ def _edit_files(tmp: Path) -> None:
     Image.fromarray(np.full((64, 80, 4), 128, np.uint8)).save(tmp / "alpha_mask.png")
     Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp / "odd.png")
     Image.fromarray(np.zeros((2048, 16, 3), np.uint8)).save(tmp / "big.png")
+    bomb_png(tmp / "bomb.png")  # a header that claims 10^10 pixels
+    (tmp / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
