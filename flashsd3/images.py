@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .rules import edit_size
+
 # Pillow's own DecompressionBombError threshold at its default setting (2 x Image.MAX_IMAGE_PIXELS, about
 # 0.5 GB as RGB), kept here so the guard holds when a program has changed or disabled Pillow's.
 MAX_PIXELS = 178_956_970
@@ -148,31 +150,24 @@ def as_mask(im, what: str = "mask"):
 
 
 def output_size(image, height: int | None, width: int | None, factor: int) -> tuple[int, int]:
-    """(height, width) of an edit: the given size, else the image's own (refused if not a multiple of factor)."""
-    h, w = image_size(image)
-    if height is None and width is None:
-        if h % factor or w % factor:
-            raise ImageError(
-                f"image is {w}x{h} (width x height), not a multiple of {factor}: pass width and height to resize it "
-                f"(e.g. {max(factor, w // factor * factor)}x{max(factor, h // factor * factor)}), or crop it")
-        return h, w
-    if height is None or width is None:
-        raise ValueError("give both height and width (to resize the image), or neither (keep its size)")
-    return height, width
+    """(height, width) of an edit: the given size, else the image's own (`rules.edit_size`)."""
+    return edit_size(image_size(image), height, width, factor)
 
 
-def image_size(image) -> tuple[int, int]:
+def image_size(image, what: str = "image") -> tuple[int, int]:
     """(height, width) of a PIL image, a list of equal-size ones, or an image tensor (..., H, W)."""
     if isinstance(image, (list, tuple)) and image:
-        sizes = {image_size(im) for im in image}
+        sizes = {image_size(im, what) for im in image}
         if len(sizes) > 1:
-            raise ImageError(f"images of different sizes {sorted(sizes)}: give images of one size")
+            raise ImageError(f"{what}s of different sizes {sorted(sizes)}: give {what}s of one size")
         return sizes.pop()
     if isinstance(image, torch.Tensor):
         return int(image.shape[-2]), int(image.shape[-1])
     if hasattr(image, "size") and hasattr(image, "mode"):
         return image.size[1], image.size[0]
-    raise ImageError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+    hint = f" (read a file with flashsd3.images.load_{'mask' if what == 'mask' else 'image'})" \
+        if isinstance(image, (str, Path)) else ""
+    raise ImageError(f"{what} must be a PIL image or a tensor, got {type(image).__name__}{hint}")
 
 
 def preprocess_image(images, height: int, width: int) -> torch.Tensor:
@@ -205,8 +200,8 @@ def preprocess_mask(masks, height: int, width: int) -> torch.Tensor:
 
 def check_mask_matches(image, mask) -> None:
     """The mask must cover the image pixel for pixel (before any resize)."""
-    if image_size(image) != image_size(mask):
-        (ih, iw), (mh, mw) = image_size(image), image_size(mask)
+    if image_size(image) != image_size(mask, "mask"):
+        (ih, iw), (mh, mw) = image_size(image), image_size(mask, "mask")
         raise ImageError(f"mask is {mw}x{mh} but the image is {iw}x{ih} (width x height): they must be the same size")
 
 

@@ -56,8 +56,8 @@ def test_size_policy():
     im = Image.new("RGB", (96, 64))
     assert output_size(im, None, None, 16) == (64, 96)  # the image's own size
     assert output_size(im, 128, 128, 16) == (128, 128)  # asked: resized
-    with pytest.raises(ImageError, match=r"image is 100x60 .* not a multiple of 16: pass width and height to "
-                                         r"resize it \(e.g. 96x48\)"):
+    with pytest.raises(ValueError, match=r"image is 100x60 .* not a multiple of 16 for this model: pass width and "
+                                         r"height to resize it \(nearest: width 96 or 112, height 48 or 64\)"):
         output_size(Image.new("RGB", (100, 60)), None, None, 16)
     with pytest.raises(ValueError, match="give both height and width"):
         output_size(im, 64, None, 16)
