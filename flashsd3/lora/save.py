@@ -158,6 +158,7 @@ def kohya_layout(model: nn.Module, name: str = "default") -> dict[str, torch.Ten
 def diffusers_modules(model: nn.Module, name: str) -> list[Module]:
     """The adapter per diffusers layer, in model order. An update over a fused layer (our qkv) becomes
     one module per diffusers layer it covers (same A, B's rows); (scale, shift) rows are swapped back."""
+    _refuse_bias(model, name)
     by_layer: dict[str, list[tuple[str, object]]] = {}
     for dname, target in diffusers_targets(model).items():
         by_layer.setdefault(target.module, []).append((dname, target))
@@ -182,6 +183,7 @@ def kohya_modules(model: nn.Module, name: str) -> list[Module]:
     """The adapter per our layer, in model order. Several updates of one layer (q, k, v on qkv) or one
     that covers some rows only are written as one LoRA: A stacked, B placed on its rows (block-diagonal),
     each B times its scale / the first update's scale, so that one alpha serves all."""
+    _refuse_bias(model, name)
     modules = []
     for module, layer in adapter_layers(model, name):
         updates = list(layer.lora[name])
@@ -198,6 +200,13 @@ def kohya_modules(model: nn.Module, name: str) -> list[Module]:
             col += u.rank
         modules.append(Module(module, torch.cat([u.A.detach() for u in updates], dim=0), B, scale))
     return modules
+
+
+def _refuse_bias(model: nn.Module, name: str) -> None:
+    biased = [module for module, layer in adapter_layers(model, name) if name in layer.lora_bias]
+    if biased:
+        raise LoRAError(f"adapter {name!r} changes the biases of {len(biased)} layers (ComfyUI .diff_b, e.g. "
+                        f"{biased[:2]}), which the peft, diffusers and kohya layouts cannot hold")
 
 
 def peft_config(model: nn.Module, modules: list[Module]) -> dict:
