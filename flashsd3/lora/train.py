@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FLASH_SD3_ADAPTER
-from .formats import LoRAError, open_lora, peft_selects, plan_lora
+from .formats import LoRAError, LoRASource, open_lora, peft_selects, plan_lora, read_piece
 from .keys import Target, diffusers_targets, original_targets
 from .layers import LoRALayer, LoRAUpdate
 from .lora import _lora_layer, _lora_layers, _names, _new_name, lora_info
@@ -189,19 +189,25 @@ def make_trainable(model: nn.Module, name: str, dtype: torch.dtype = torch.float
     freeze_base(model)
 
 
-def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | None = None,
+def load_trainable_lora(model: nn.Module, source: str | Path | LoRASource, *, name: str | None = None,
                         dtype: torch.dtype | None = torch.float32, device: torch.device | str | None = None) -> str:
     """Add the LoRA file at `source` (any layout load_lora reads) as a trainable adapter: A and B as
-    `dtype` Parameters (None: the file's dtype) on `device` (None: each layer's device)."""
+    `dtype` Parameters (None: the file's dtype) on `device` (None: each layer's device). A bias difference
+    (ComfyUI `.diff_b`) that is not all zero is refused: it is neither trained nor saved by save_lora."""
     src = open_lora(source)
     name = _new_name(model, name, src.label)
     by_layer: dict[str, list[LoRAUpdate]] = {}
     for piece in plan_lora(model, src):
-        weight = model.get_submodule(piece.target.module).weight
-        kw = dict(dtype=dtype, device=weight.device if device is None else device)
-        A, B = src.reader.get(piece.a_key).to(**kw), our_rows(piece.target, src.reader.get(piece.b_key).to(**kw))
-        update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
-        by_layer.setdefault(piece.target.module, []).append(update)
+        layer = model.get_submodule(piece.target.module)
+        A, B, bias = read_piece(src.reader, piece, layer, dtype=dtype,
+                                device=layer.weight.device if device is None else device)
+        if bias is not None and bool(bias.any()):
+            raise LoRAError(f"{src.reader.source_of(piece.bias_key)}: {piece.bias_key!r} changes the bias of our "
+                            f"{piece.target.module}; load_lora applies such bias differences (ComfyUI), but they "
+                            "cannot be trained or saved in the peft, diffusers or kohya layouts")
+        if A is not None:  # an all-zero bias difference changes nothing: dropped
+            update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
+            by_layer.setdefault(piece.target.module, []).append(update)
     for module, updates in by_layer.items():
         _lora_layer(model, module).add_adapter(name, updates, 1.0)
     freeze_base(model)

@@ -20,6 +20,15 @@ from ..config import DEMO, DEMO_VAE
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
 from ..recipes import FLASH_SD3, Recipe, default_recipe, get_recipe, override
+from ..rules import (
+    check_size,
+    check_skip_layers,
+    check_slg_window,
+    check_steps,
+    check_strength,
+    check_strength_leaves_a_step,
+    edit_start,
+)
 from ..sampling import (
     InpaintConstraint,
     cfg_denoiser,
@@ -31,7 +40,7 @@ from ..sampling import (
 )
 from ..text_encoders import TextEncoders
 from ..vae import VAE, load_vae
-from .checks import check_count, check_finite, check_number, check_output_type, check_prompts, check_skip_layers
+from .checks import check_count, check_finite, check_output_type, check_prompts
 from .noise import check_seed, random_source
 
 DEFAULT_SIZE = 1024  # SD3's training resolution (diffusers: transformer sample_size 128 x VAE factor 8)
@@ -193,6 +202,9 @@ class FlashSD3Pipeline:
                                          num_images_per_prompt, rec)
         edit = self.prepare_edit(image, mask, strength, height, width, batch, rng)  # None for txt2img
         sched = self.schedule(rec, sigmas, edit)
+        if rec.slg is not None and rec.cfg:  # on the whole table: an edit runs its last steps
+            full = len(sched) - 1 if edit is None else (len(sigmas) - 1 if sigmas is not None else rec.steps)
+            check_slg_window(rec.slg.start, rec.slg.stop, full, None if edit is None else edit.strength)
         x, start_noise = self.initial_latents(latents, batch, height, width, rng, edit, sched[0])
         inpaint = None if edit is None or edit.mask is None else \
             InpaintConstraint(edit.latents, start_noise, edit.mask, sched)
@@ -204,12 +216,21 @@ class FlashSD3Pipeline:
         """Edit `image` (PIL, or (B, 3, H, W) in [0, 1]): encode it, noise it to the sigma where `strength`
         of the schedule remains (diffusers' get_timesteps: start index int(n - n * strength)), run the rest.
         Output size: the image's, or height/width (the image is then resized). Other keywords: `__call__`."""
+        if image is None:
+            raise ValueError("img2img needs an image (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]), got "
+                             "image=None")
         return self(prompt, image=image, strength=strength, **kwargs)
 
     def inpaint(self, prompt, image, mask, *, strength: float = INPAINT_STRENGTH, **kwargs) -> PipelineOutput:
         """Repaint the white part of `mask` (same size as `image`; binarised at 0.5) and keep the rest: the
         kept region follows the image's own noising at every step (diffusers' StableDiffusion3InpaintPipeline
         latent blend). strength < 1 starts the repainted region from the noised image instead of noise."""
+        if image is None:
+            raise ValueError("inpaint needs an image (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]), got "
+                             "image=None")
+        if mask is None:  # without one the whole image would be repainted: that is img2img at this strength
+            raise ValueError("inpaint needs a mask (white = repaint, black = keep), got mask=None; to change "
+                             "the whole image use img2img")
         return self(prompt, image=image, mask=mask, strength=strength, **kwargs)
 
     # Parts --------------------------------------------------------------------------------------
@@ -218,17 +239,15 @@ class FlashSD3Pipeline:
         """The call's recipe: `recipe` (default the pipeline's) with `recipes.override` applied, checked
         against this model (skip-layer indices within its depth)."""
         rec = override(get_recipe(recipe if recipe is not None else self.recipe), **overrides)
+        check_steps(rec.steps, "num_steps")
         if rec.slg is not None:
             check_skip_layers(rec.slg.layers, self.transformer.config.depth)
         return rec
 
     def check_size(self, height: int, width: int) -> None:
-        f, table = self.image_factor, self.transformer.config.pos_embed_max_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % f:
-                raise ValueError(f"{name} must be a positive multiple of {f} (VAE x patch size), got {v!r}")
-            if v // f > table:
-                raise ValueError(f"{name} {v} exceeds the position table: at most {table * f} pixels")
+        """The output size against this model (`rules.check_size`: a multiple of the factor, within the
+        position table)."""
+        check_size(self.transformer.config, height, width, vae_downscale=self.vae.downscale)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +301,7 @@ class FlashSD3Pipeline:
             return None
         if strength is None:
             strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
-        strength = check_number(strength, "strength", low=0.0, high=1.0, low_open=True)
+        strength = check_strength(strength, "strength")
         if mask is not None:
             check_mask_matches(image, mask)
         height, width = output_size(image, height, width, self.image_factor)
@@ -306,8 +325,9 @@ class FlashSD3Pipeline:
         sched = check_sigmas(sigmas) if sigmas is not None else get_sampler(rec.sampler).sigmas(rec.steps, rec.shift)
         if edit is None:
             return sched
-        n = len(sched) - 1  # diffusers get_timesteps: t_start = int(max(n - min(n * strength, n), 0))
-        return sched[int(max(n - min(n * edit.strength, n), 0)):]
+        n = len(sched) - 1
+        check_strength_leaves_a_step(edit.strength, n, steps="num_steps" if sigmas is None else "sigmas steps")
+        return sched[edit_start(n, edit.strength):]
 
     def initial_latents(self, latents, batch, height, width, rng, edit: Edit | None, sigma) -> tuple:
         """(x at sigmas[0], the initial noise): noise for txt2img; for edits the image noised to sigma."""

@@ -96,12 +96,15 @@ def centre_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1]. Raises DataError naming the file if it cannot be decoded."""
+    """(3, size, size) float32 in [-1, 1]. Raises DataError naming the file if it cannot be used: the checks
+    and conversions of the pipeline's images (flashsd3/images.py: decompression bombs refused before
+    decoding, 16-bit images scaled by their range)."""
+    from ..images import ImageError, read_image, to_rgb
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # decodes the whole file: truncated data fails here, not later
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data, broken PNG
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        im = to_rgb(read_image(path))  # decodes the whole file: truncated data fails here, not later
+    except ImageError as e:
+        raise DataError(f"{path}: {e.reason}") from None
     pixels = np.asarray(centre_crop_resize(im, size), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
 
