@@ -46,7 +46,7 @@ IGNORED = {
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
     "hr_additional_modules": None, "script_name": None, "script_args": [], "send_images": True,
     "save_images": False, "alwayson_scripts": {}, "infotext": None, "distilled_cfg_scale": None,
-    "resize_mode": 0, "image_cfg_scale": None, "mask_blur": None, "mask_blur_x": 4, "mask_blur_y": 4,
+    "resize_mode": 0, "image_cfg_scale": None, "mask_blur": 4, "mask_blur_x": 4, "mask_blur_y": 4,
     "mask_round": True, "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0,
     "initial_noise_multiplier": None, "latent_mask": None, "include_init_images": False,
 }

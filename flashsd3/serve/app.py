@@ -26,6 +26,7 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.
               "/style.css": ("style.css", "text/css")}
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLL_SECONDS = 0.25
+DRAIN = 4  # an oversized body is read up to DRAIN x the cap before the 413, then the connection closed
 
 
 class Server:
@@ -207,9 +208,13 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
-                return await _send_error(send, scope["path"], too_big, {"Connection": "close"})
             more = message.get("more_body", False)
+            if size > self.limit:  # read on (up to a bound) so the client is not reset before it reads the 413
+                while more and size <= DRAIN * self.limit:
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message.get("more_body", False)
+                return await _send_error(send, scope["path"], too_big, {"Connection": "close"})
         body, sent = b"".join(chunks), False
 
         async def replay():

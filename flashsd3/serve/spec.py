@@ -19,7 +19,9 @@ from .limits import Limits
 RECIPE_FIELDS = ("recipe", "steps", "guidance", "sampler", "shift", "slg_layers", "slg_scale", "slg_start",
                  "slg_stop")
 SEED_MAX = 2**64 - 1
-FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+# flashsd3-sample's flags that are request fields here (a message naming --max-* names a server flag)
+FLAG = re.compile(r"--(prompt|negative-prompt|seed|recipe|steps|guidance|sampler|shift|slg-layers|slg-scale|"
+                  r"slg-start|slg-stop|height|width|image|mask|strength)\b")
 
 
 @dataclass
@@ -81,7 +83,7 @@ def build_spec(values: dict, engine, limits: Limits, *, status: int, renames: di
                        "prompt_too_long")
     n = values.get("n", 1)
     if not 1 <= n <= limits.max_images:
-        raise fail(f"n (images) must be in [1, {limits.max_images}] (--max-images), got {n}", "n", "too_many_images")
+        raise fail(f"n (images) must be in [1, {limits.max_images}], got {n} (--max-images)", "n", "too_many_images")
     seed = values.get("seed")
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     if not 0 <= seed <= SEED_MAX - (n - 1):
