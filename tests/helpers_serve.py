@@ -131,11 +131,12 @@ class ServerProcess:
 
 class Hold:
     """A long request that occupies the worker until released (its client then goes away and the server
-    stops the batch at its next step)."""
+    stops the batch at its next step). Euler: a stochastic sampler would draw noise for every step up front."""
 
     def __init__(self, server: ServerProcess, task_id: str = "hold", steps: int = 4000, size: int = 256):
         self.conn = server.open_request("/sdapi/v1/txt2img", {"prompt": "hold", "steps": steps, "width": size,
-                                                               "height": size, "force_task_id": task_id})
+                                                               "height": size, "sampler_name": "Euler",
+                                                               "force_task_id": task_id})
         server.wait_state(task_id, ("running",))
 
     def release(self) -> None:
