@@ -34,6 +34,8 @@ def open_image(data: bytes, what: str, max_pixels: int, status: int):
         raise ApiError(status, f"{what} is empty", param=what, code="invalid_image")
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:  # PIL's own check of the header, past 2 x MAX_IMAGE_PIXELS
+        raise ApiError(status, f"{what} is refused before decoding: {e}", param=what, code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ApiError(status, f"{what} is not a readable image ({', '.join(FORMATS)})", param=what,
                        code="invalid_image") from None
