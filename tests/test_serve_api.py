@@ -245,9 +245,10 @@ def test_full_queue_is_429_and_a_queued_request_whose_client_leaves_is_dropped(s
     before = server.metrics()
     hold = Hold(server, "hold-q")
     body = {"prompt": "q", "width": 64, "height": 64, "seed": 1}
-    waiting = [server.open_request("/sdapi/v1/txt2img", {**body, "force_task_id": f"q{i}"}) for i in range(QUEUE)]
+    waiting = []
     try:
-        for i in range(QUEUE):
+        for i in range(QUEUE):  # one at a time: requests sent together may reach the queue in another order
+            waiting.append(server.open_request("/sdapi/v1/txt2img", {**body, "force_task_id": f"q{i}"}))
             assert server.wait_state(f"q{i}", ("queued",))["queue_position"] == i
         got, headers, r = server.post("/sdapi/v1/txt2img", body)
         assert got == 429 and int(headers["retry-after"]) >= 1 and "--max-queue" in r["detail"]
@@ -260,6 +261,9 @@ def test_full_queue_is_429_and_a_queued_request_whose_client_leaves_is_dropped(s
     finally:
         for conn in waiting:
             conn.close()
+        deadline = time.monotonic() + 30
+        while server.metrics()["queue_length"] and time.monotonic() < deadline:  # all dropped before the worker
+            time.sleep(0.05)                                                      # is free to start one
         hold.release()
     deadline = time.monotonic() + 30
     while server.metrics()["queue_length"] or server.metrics()["running_requests"]:

@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 from helpers_serve import ServerProcess, finish, png_text, sample_runs  # noqa: E402
 
 KEY = "test-key-0123456789"
+TIMEOUT = 3  # seconds (--timeout): the SIGTERM test's running request is sized to take about a third of it
 
 
 def random_lora(path) -> str:
@@ -54,7 +55,7 @@ def lora_refs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(lora_refs):
     lora = lora_refs[1]
-    server = ServerProcess("--api-key", KEY, "--timeout", 2, "--max-steps", 100000, "--lora", f"{lora}:0.5",
+    server = ServerProcess("--api-key", KEY, "--timeout", TIMEOUT, "--max-steps", 100000, "--lora", f"{lora}:0.5",
                            key=KEY).wait_ready()
     yield server
     server.stop()
@@ -103,7 +104,7 @@ def test_a_request_over_the_time_cap_is_408_and_its_batch_stops(server):
     status, _, r = server.post("/v1/images/generations", {"prompt": "slow", "size": "256x256", "steps": 100000,
                                                                 "sampler": "euler"})
     assert status == 408 and r["error"]["code"] == "timeout" and "(--timeout)" in r["error"]["message"]
-    assert 2 <= time.monotonic() - t0 < 30
+    assert TIMEOUT <= time.monotonic() - t0 < 30
     deadline = time.monotonic() + 30
     while server.metrics()["running_requests"]:  # the batch stops at its next step: no one waits for it
         assert time.monotonic() < deadline
@@ -117,7 +118,10 @@ def test_sigterm_answers_queued_503_finishes_the_running_one_and_exits_0(server)
     def ask(name, body):
         answers[name] = server.post("/sdapi/v1/txt2img", {**body, "force_task_id": name})
 
-    running = threading.Thread(target=ask, args=("running", {"prompt": "r", "steps": 150, "width": 256,
+    t0 = time.monotonic()  # the step time now (the machine's load) sizes the running request: ~1 s
+    assert server.post("/sdapi/v1/txt2img", {"prompt": "r", "steps": 50, "sampler_name": "Euler"})[0] == 200
+    steps = max(50, int(50 * TIMEOUT / 3 / (time.monotonic() - t0)))
+    running = threading.Thread(target=ask, args=("running", {"prompt": "r", "steps": steps, "width": 256,
                                                                "height": 256, "sampler_name": "Euler"}))
     running.start()
     server.wait_state("running", ("running",))
