@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "keep; grayscale, of the image's size")
     g.add_argument("--strength", type=_number(float, low=None), metavar="F", help="(0, 1]: how much of the "
                    "schedule runs from the noised image (default 0.6 img2img, 1.0 inpainting)")
+    add_model_arguments(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=path, default=Path("outputs"), metavar="DIR", help="default: %(default)s")
+    g.add_argument("--json", action="store_true", help="write a .json sidecar with the metadata of each image")
+    g.add_argument("--overwrite", action="store_true", help="replace existing files (keeping their mode)")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags, shared with flashsd3-serve (flashsd3/serve/cli.py)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", type=_expand, default=hub.SD3_MEDIUM_REPO, metavar="PATH|REPO",
                    help="diffusers folder, single .safetensors file, or hub repo id (default: %(default)s)")
@@ -148,11 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
     g.add_argument("--demo", action="store_true", help="random toy-width model, no download: noise-like images")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=path, default=Path("outputs"), metavar="DIR", help="default: %(default)s")
-    g.add_argument("--json", action="store_true", help="write a .json sidecar with the metadata of each image")
-    g.add_argument("--overwrite", action="store_true", help="replace existing files (keeping their mode)")
-    return p
 
 
 # Checks before any model is loaded or any folder created ----------------------------------------

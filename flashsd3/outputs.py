@@ -138,14 +138,25 @@ def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool, mode
 def save_image(image, out: Path, job: Job, meta: dict, *, overwrite: bool, sidecar: bool, mode: int) -> None:
     """`out/job.filename` with `meta` (+ prompt, index, seed) as PNG iTXt chunks, and optionally the same
     as a .json sidecar, written first so that a complete PNG always has its sidecar."""
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = {"prompt": job.prompt, "index": job.index, "seed": job.seed, **meta}
+    meta = image_metadata(job, meta)
     path = out / job.filename
     if sidecar:
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
         atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"), overwrite, mode)
+    info = png_info(meta)
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info), overwrite, mode)
+
+
+def image_metadata(job: Job, meta: dict) -> dict:
+    """The text recorded with image `job`: prompt, index, seed, then the run's settings."""
+    return {"prompt": job.prompt, "index": job.index, "seed": job.seed, **meta}
+
+
+def png_info(meta: dict):
+    """`meta` as PNG iTXt chunks (UTF-8 prompts); non-strings as JSON. flashsd3-serve encodes with it too."""
+    from PIL.PngImagePlugin import PngInfo
+
     info = PngInfo()
     for key, value in meta.items():
-        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))  # iTXt: UTF-8 prompts
-    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info), overwrite, mode)
+        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
+    return info
