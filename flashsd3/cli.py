@@ -64,18 +64,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind=int, low=0):
-    """argparse type: a finite `kind` >= low; else a one-line error. Flags whose values a rule of
-    `flashsd3.rules` checks (size, seed, steps, strength) are only parsed here, so the rule's message is
-    the one the pipeline gives."""
+def _number(kind=int, low=0, high=None):
+    """argparse type: a finite `kind` in [low, high) (no bound where None); else a one-line error. Flags whose
+    values a rule of `flashsd3.rules` checks (size, seed, steps, strength) are only parsed here, so the rule's
+    message is the one the pipeline gives."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if low is not None and (not math.isfinite(value) or value < low):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
+        if low is not None and (not math.isfinite(value) or value < low or (high is not None and value >= high)):
+            bound = f">= {low}" if high is None else f"from {low} to {high - 1}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
     return parse
 

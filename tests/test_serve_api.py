@@ -191,7 +191,7 @@ def test_a1111_info_routes(server):
     ("/v1/images/generations", b'{"prompt": 3}', 400, "prompt: expected a string, got 3"),
     ("/v1/images/generations", b'{"n": 1}', 400, "prompt is required"),
     ("/v1/images/generations", b'{"prompt": "x", "size": "big"}', 400, "size must be WIDTHxHEIGHT"),
-    ("/v1/images/generations", b'{"prompt": "x", "size": "60x64"}', 400, "--width 60: must be a multiple of 16"),
+    ("/v1/images/generations", b'{"prompt": "x", "size": "60x64"}', 400, "width must be a positive multiple of 16"),
     ("/v1/images/generations", b'{"prompt": "x", "recipe": "sdxl"}', 400, "recipe 'sdxl' is not one of"),
     ("/v1/images/generations", b'{"prompt": "x", "loras": ["style"]}', 400, "no LoRA named 'style'"),
     ("/v1/images/generations", b'{"prompt": "x", "slg_scale": 2}', 400, "slg_scale adjusts skip-layer guidance"),

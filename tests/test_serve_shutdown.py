@@ -55,7 +55,7 @@ def lora_refs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(lora_refs):
     lora = lora_refs[1]
-    server = ServerProcess("--api-key", KEY, "--timeout", TIMEOUT, "--max-steps", 100000, "--lora", f"{lora}:0.5",
+    server = ServerProcess("--api-key", KEY, "--timeout", TIMEOUT, "--max-steps", 10000, "--lora", f"{lora}:0.5",
                            key=KEY).wait_ready()
     yield server
     server.stop()
@@ -101,7 +101,7 @@ def test_loras_are_chosen_by_name_and_give_flashsd3_sample_bytes(server, lora_re
 def test_a_request_over_the_time_cap_is_408_and_its_batch_stops(server):
     before = server.metrics()
     t0 = time.monotonic()
-    status, _, r = server.post("/v1/images/generations", {"prompt": "slow", "size": "256x256", "steps": 100000,
+    status, _, r = server.post("/v1/images/generations", {"prompt": "slow", "size": "256x256", "steps": 10000,
                                                                 "sampler": "euler"})
     assert status == 408 and r["error"]["code"] == "timeout" and "(--timeout)" in r["error"]["message"]
     assert TIMEOUT <= time.monotonic() - t0 < 30

@@ -11,14 +11,13 @@ import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from ..preflight import PreflightError, check_size
-from ..settings import Edit, flag_names, run_recipe
+from ..rules import InputError, check_seed, check_size, edit_size
+from ..settings import Edit, check_schedule, flag_names, run_recipe
 from .errors import ApiError
 from .limits import Limits
 
 RECIPE_FIELDS = ("recipe", "steps", "guidance", "sampler", "shift", "slg_layers", "slg_scale", "slg_start",
                  "slg_stop")
-SEED_MAX = 2**64 - 1
 # flashsd3-sample's flags that are request fields here (a message naming --max-* names a server flag)
 FLAG = re.compile(r"--(prompt|negative-prompt|seed|recipe|steps|guidance|sampler|shift|slg-layers|slg-scale|"
                   r"slg-start|slg-stop|height|width|image|mask|strength)\b")
@@ -86,12 +85,19 @@ def build_spec(values: dict, engine, limits: Limits, *, status: int, renames: di
         raise fail(f"n (images) must be in [1, {limits.max_images}], got {n} (--max-images)", "n", "too_many_images")
     seed = values.get("seed")
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
-    if not 0 <= seed <= SEED_MAX - (n - 1):
-        raise fail(f"seed must be in [0, 2**64 - {n}] (image k uses seed + k), got {seed}", "seed")
+    try:
+        check_seed(seed, n, "seed")
+    except InputError as e:
+        raise fail(str(e), "seed") from None
     chosen = engine.choose_loras(values.get("loras"), lambda m: fail(m, "loras", "unknown_lora"))
     recipe = _recipe(values, engine, bool(chosen), limits, fail)
     edit = _edit(values)
     height, width = _size(values, edit, engine, limits, fail)
+    try:
+        check_schedule(recipe, edit)  # a step left to run, and one for skip-layer guidance to act on
+    except InputError as e:
+        field_ = FLAG.search(str(e))
+        raise fail(str(e), field_.group(1).replace("-", "_") if field_ else None) from None
     notes = list(notes or [])
     if negative and not recipe.cfg:
         notes.append(f"negative_prompt ignored: guidance {recipe.guidance:g} <= 1 (recipe {recipe.name})")
@@ -111,7 +117,7 @@ def _recipe(values: dict, engine, adapters: bool, limits: Limits, fail):
         raise fail(f"sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}", "sampler", "unknown_sampler")
     try:
         rec = run_recipe(args, engine.config, adapters)
-    except PreflightError as e:
+    except InputError as e:
         field_ = FLAG.search(str(e))
         raise fail(str(e), field_.group(1).replace("-", "_") if field_ else None) from None
     if rec.steps > limits.max_steps:
@@ -142,21 +148,17 @@ def _size(values: dict, edit: Edit | None, engine, limits: Limits, fail) -> tupl
             mw, mh = edit.mask.size
             raise fail(f"mask is {mw}x{mh} but the image is {w}x{h}: they must be the same size", "mask",
                        "mask_size")
-        if (height is None) != (width is None):
-            raise fail(f"the image is {w}x{h}: give both width and height to resize it, or neither", "width")
-        if height is None:
-            if h % factor or w % factor:
-                raise fail(f"the image is {w}x{h} (width x height), not a multiple of {factor}: give a size to "
-                           f"resize it to (e.g. {max(factor, w // factor * factor)}x"
-                           f"{max(factor, h // factor * factor)}), or crop it", "image", "image_size")
-            height, width = h, w
+        try:
+            height, width = edit_size((h, w), height, width, factor)
+        except InputError as e:
+            raise fail(str(e), "image" if "multiple" in str(e) else "width", "image_size") from None
     height = engine.default_size if height is None else height
     width = engine.default_size if width is None else width
     if height < 1 or width < 1:
         raise fail(f"size {width}x{height}: width and height must be positive", "width")
     try:
         check_size(engine.config, height, width)
-    except PreflightError as e:
+    except InputError as e:
         raise fail(str(e), "height" if "height" in str(e) else "width", "invalid_size") from None
     if height * width > limits.max_pixels:
         raise fail(f"size {width}x{height} = {width * height} pixels exceeds this server's cap of "
