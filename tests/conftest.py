@@ -1,8 +1,12 @@
 """Shared test setup: slow/gpu tests are skipped by default with a visible reason."""
 import os
 
-import pytest
-import torch
+# MKL reads this when torch loads it (as flashsd3-sample and flashsd3-train set it): the same float results
+# from run to run, so tests that compare bytes compare like with like.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
