@@ -12,13 +12,13 @@
              B block-diagonal, rank 3r), as sd-scripts writes them.
 
 The user scale (`set_lora_scale`, `lora_scaled`) is not saved: a file holds the adapter at alpha / r.
-Each file is written to a temporary name beside its destination and renamed (atomic on POSIX).
+Each file is written to a temporary name beside its destination and renamed (flashsd3.outputs.atomic_write),
+with the mode `open` would give it under the umask.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..outputs import atomic_write
 from .formats import METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoRAError, peft_selects
 from .keys import diffusers_targets
 from .train import FLASH_SD3_TARGETS, adapter_layers, our_rows
@@ -68,7 +69,8 @@ def save_lora(model: nn.Module, path: str | Path, *, name: str = "default", form
         path.mkdir(parents=True, exist_ok=True)
         weights = path / PEFT_WEIGHTS
         _write_tensors(weights, tensors, {"format": "pt"}, dtype)
-        _atomic(path / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(text))
         return weights
     default = DIFFUSERS_WEIGHTS if format == "diffusers" else KOHYA_WEIGHTS
     weights = path if path.suffix == ".safetensors" else path / default
@@ -196,13 +198,4 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     for key, t in tensors.items():  # own copies: safetensors refuses tensors sharing memory (q/k/v share A)
         t = t.detach().to("cpu")
         out[key] = (t.to(dtype) if dtype is not None and key.endswith(".weight") else t).clone().contiguous()
-    _atomic(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
