@@ -117,7 +117,7 @@ def toy_runs(root: Path) -> dict[str, str]:
 
     from flashsd3.lora import lora_state_dict
     from flashsd3.toy.data import balanced_labels
-    from flashsd3.toy.distill import ToyFlashRecipe, distil, make_bank
+    from flashsd3.toy.distill import TOY_FLASH, ToyFlashRun, distil, make_bank
     from flashsd3.toy.evaluate import train_classifier
     from flashsd3.toy.model import build_teacher, save_teacher
     from flashsd3.toy.train import TeacherRecipe, train_teacher
@@ -136,12 +136,14 @@ def toy_runs(root: Path) -> dict[str, str]:
     labels = balanced_labels(4)
     noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     probe = {"probe_labels": labels, "probe_noise": noise, "probe_ref": noise.clone()}
-    base = ToyFlashRecipe(steps=4, batch=4, K=4, rank=4, alpha=4.0, head_width=8, probe=4, probe_every=2)
-    bank = make_bank(model.eval(), text.eval(), base, 8, torch.Generator().manual_seed(base.seed + 77))
+    flash = replace(TOY_FLASH, teacher_steps=4, phase_batches=(1, 1, 1), disc_width=8)
+    base = ToyFlashRun(steps=4, batch=4, rank=4, alpha=4.0, probe=4, probe_every=2, flash=flash)
+    bank = make_bank(model.eval(), text.eval(), flash, 8, torch.Generator().manual_seed(base.seed + 77))
     out["toy_bank"] = digest(bank.labels, bank.guidance, bank.states, bank.final)
     variants = {"toy_flash": (base, None),
-                "toy_flash_fresh": (replace(base, d_pass="fresh", seed=2), None),
-                "toy_flash_options": (replace(base, disc_blocks=(0, 1), modes="sampler"), None),
+                "toy_flash_fresh": (replace(base, flash=replace(flash, d_pass="fresh"), seed=2), None),
+                "toy_flash_options": (replace(base, flash=replace(flash, disc_input="blocks", disc_blocks=(0, 1),
+                                                                  mixture_modes="sampler")), None),
                 "toy_flash_bank": (base, bank)}
     for name, (recipe, b) in variants.items():
         student, _, history = distil(root / "teacher.safetensors", recipe, bank=b, log=lambda s: None, **probe)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flashsd3.training import cli
-from helpers_training import checkpoint_state, demo_cache, metrics, run, run_torchrun, train_cmd
+from helpers_training import checkpoint_state, metrics, run, run_torchrun, train_cmd
 
 STEPS = 4
 RUN = ["--batch-size", "4", "--lr", "1e-3", "--teacher-steps", "4", "--phase-batches", "1,1,1", "--guidance-min", "2",
@@ -27,13 +27,13 @@ def state(out: Path, step: int = STEPS) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return demo_cache(tmp_path_factory.mktemp("flash"), ["a red circle", "a blue square", "a green star", "a cat"])
+def cache(demo_cache):
+    return demo_cache  # conftest.py: one demo cache for every training-run test
 
 
 @pytest.fixture(scope="module")
-def reference(cache):
-    out = cache.parent / "reference"
+def reference(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
     proc = run(flash(cache, out, "--sample-every", str(STEPS)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -87,8 +87,8 @@ def test_bad_flash_settings(cache, tmp_path, capsys):
         return capsys.readouterr().err.strip()
 
     base = ["flash", "--cache", cache, "--out", tmp_path / "x"]
-    assert "lambda_adv needs 4 entries" in main(*base, "--lambda-adv", "0,1")
-    assert "disc_blocks must be given exactly when" in main(*base, "--disc-input", "blocks")
+    assert "--lambda-adv needs 4 finite weights" in main(*base, "--lambda-adv", "0,1")
+    assert "--disc-blocks (block indices >= 0) must be given exactly when" in main(*base, "--disc-input", "blocks")
     assert "--train-modules is not supported" in main(*base, "--train-modules", "joint_blocks.0.*")
     if importlib.util.find_spec("lpips") is None:
         assert "needs the `lpips` package" in main(*base, "--distill-loss", "lpips")

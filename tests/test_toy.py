@@ -70,16 +70,16 @@ def test_render_rejects_bad_labels():
         render(torch.tensor([0, 1, 2]), torch.Generator())
 
 
-def _held_out_accuracy(steps: int) -> dict[str, float]:
-    clf = train_classifier(seed=0, steps=steps, batch=128)
+def _held_out_accuracy(steps: int, batch: int = 128) -> dict[str, float]:
+    clf = train_classifier(seed=0, steps=steps, batch=batch)
     images, labels = make_dataset(512, seed=99)
     return accuracies(classify(clf, images)[1], labels)
 
 
 def test_classifier_reads_colour_and_position_quickly():
-    """A briefly trained classifier (200 steps, in the test) already reads colour and position of held-out
-    data; shape needs longer (the next test, slow)."""
-    acc = _held_out_accuracy(200)
+    """A briefly trained classifier (80 steps at batch 64, in the test) already reads colour and position of
+    held-out data and shape above chance (measured: 1.0, 1.0, 0.60); shape needs longer (the next test, slow)."""
+    acc = _held_out_accuracy(80, batch=64)
     assert acc["colour_acc"] > 0.98 and acc["position_acc"] > 0.98, acc
     assert acc["shape_acc"] > 0.5, acc  # chance is 1/3
 
