@@ -268,7 +268,7 @@ def plot_histories(histories: dict, recipe: ToyFlashRun, out, smooth) -> list[st
 
 
 def target_checks(rows: dict) -> dict[str, dict]:
-    """The issue's targets for student_4 against the reference (teacher_cfg_ref) and teacher 4-step CFG."""
+    """The targets set for student_4 against the reference (teacher_cfg_ref) and teacher 4-step CFG."""
     ref, s4, t4 = rows["teacher_cfg_ref"], rows["student_4"], rows["teacher_4_cfg"]
     return {
         "fd_data within 1.5x the reference's": {"value": s4["fd_data"], "bound": 1.5 * ref["fd_data"],

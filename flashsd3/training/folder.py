@@ -90,8 +90,7 @@ def start(out: Path, command: str, config: dict, overwrite: bool, resumed_step: 
     if overwrite:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not is_run(out):
-        atomic_json(out / MARKER, {"command": command, "format": 1})
+    atomic_json(out / MARKER, {"command": command, "format": 1})
     (out / "done.json").unlink(missing_ok=True)
     trim_metrics(out / "metrics.jsonl", resumed_step or 0)
     atomic_json(out / "config.json", config)

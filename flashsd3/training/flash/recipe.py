@@ -1,8 +1,9 @@
 """Flash Diffusion's recipe for SD3 as data: phases, the start-index mixture, loss weights, guidance range.
 
 Chadebec et al. 2024, "Flash Diffusion" (arXiv 2406.02347); numbers from the official code
-gojasper/flash-diffusion @ 3ffd9a83 `examples/configs/flash_sd3.yaml` ([Y]) and
-`src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]).
+gojasper/flash-diffusion @ 3ffd9a83: `examples/configs/flash_sd3.yaml` ([Y]),
+`src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]), `examples/train_flash_sd3.py` ([T]) and
+`src/flash/trainer/trainer.py` ([TR]).
 
 Training starts from data noised at sigma_k of a K-step teacher grid; k is drawn from a phase-dependent
 mixture of narrow Gaussians over the grid indices (modes at 0, K/4, K/2, 3K/4) whose mass moves towards
