@@ -3,7 +3,9 @@ OMP_NUM_THREADS=1, so a run's float operations do not depend on the machine's lo
 reading a run's checkpoints and metrics."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -58,6 +60,19 @@ def train_cmd(objective: str, cache: Path, out: Path, args: list, ranks: int = 1
 
 def run(cmd: list) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def run_here(cmd: list) -> subprocess.CompletedProcess:
+    """A one-process `train_cmd` run in this process (`cli.main`, one thread as conftest.py sets): the same
+    result as the subprocess, without starting Python and importing torch again."""
+    assert cmd[1:3] == ["-m", "flashsd3.training.cli"], cmd
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(cmd[3:])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
 def demo_cache(root: Path, captions: list[str]) -> Path:

@@ -1,8 +1,9 @@
 """`flashsd3-train flow` runs end to end on the demo model: torchrun (2 ranks, gloo) against 1 process, Ctrl-C
 and kill -9 then --resume against an uninterrupted run, the output-folder rules, the saved adapter.
 
-Runs are subprocesses (the real entry point, signals, torchrun) with OMP_NUM_THREADS=1, so a run's float
-operations do not depend on the machine's load; the bad-input cases call `cli.main` in-process.
+Runs that need a process of their own (signals, kill -9, torchrun) are subprocesses with OMP_NUM_THREADS=1, so a
+run's float operations do not depend on the machine's load; the others call `cli.main` in this process (one
+thread, the same float operations).
 """
 import json
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from flashsd3.training import cli
-from helpers_training import checkpoint_state, env, metrics, run, run_torchrun, train_cmd
+from helpers_training import checkpoint_state, env, metrics, run_here, run_torchrun, train_cmd
 
 STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
@@ -44,7 +45,7 @@ def cache(demo_cache):
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = run(flow(cache, out))
+    proc = run_here(flow(cache, out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -91,8 +92,8 @@ def test_ctrl_c_and_kill_then_resume_continue_the_same_trajectory(cache, referen
     wait_for(out / "checkpoints" / f"step-{stopped + 1:07d}", proc)
     proc.kill()
     proc.communicate()
-    # 3. resumed to the end (grids off: a change a resume may make)
-    proc = run(flow(cache, out, "--resume"))
+    # 3. resumed to the end (grids off: a change a resume may make), in this process
+    proc = run_here(flow(cache, out, "--resume"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout
     ours, ref = final(out), final(reference)

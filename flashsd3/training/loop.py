@@ -185,8 +185,11 @@ def open_run(cfg: TrainConfig, task_cls, ranks: Ranks, resume: bool, overwrite: 
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
     ckpt = None
     if resume and not overwrite:
-        ckpt = resume_point(out / "checkpoints", shapes, lambda c: config_differences(type(cfg), cfg, c),
-                            warn=lambda msg: print(f"flashsd3-train: warning: {msg}", file=sys.stderr, flush=True))
+        def warn(msg: str) -> None:
+            if ranks.main:
+                print(f"flashsd3-train: warning: {msg}", file=sys.stderr, flush=True)
+
+        ckpt = resume_point(out / "checkpoints", shapes, lambda c: config_differences(type(cfg), cfg, c), warn)
         if ckpt is not None and cfg.steps < ckpt.step:
             raise RunError(f"--steps {cfg.steps} is below the run's step {ckpt.step} ({ckpt.path.name}): a resumed "
                            f"run continues to more steps")
