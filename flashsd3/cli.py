@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device, ranks.local_rank)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        ranks.start("nccl" if device.type == "cuda" else "gloo")
+        ranks.start(device)
         code = run(args, ranks, device)
         ranks.close(synchronize=True)
         return code

@@ -12,7 +12,8 @@
              B block-diagonal, rank 3r), as sd-scripts writes them.
 
 The user scale (`set_lora_scale`, `lora_scaled`) is not saved: a file holds the adapter at alpha / r.
-Each file is written to a temporary name beside its destination and renamed (atomic on POSIX).
+Each file is written to a temporary name beside its destination and renamed (flashsd3.outputs.atomic_write),
+with the mode `open` would give it under the umask.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..outputs import atomic_write
 from ..weights import all_finite
 from .formats import METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoRAError, peft_selects
 from .keys import diffusers_targets
@@ -67,8 +69,8 @@ def save_lora(model: nn.Module, path: str | Path, *, name: str = "default", form
         tensors, config = peft_layout(model, name)
         out = _checked_tensors(tensors, dtype)
         files[0].parent.mkdir(parents=True, exist_ok=True)
-        _atomic(files[0], lambda tmp: save_file(out, str(tmp), metadata={"format": "pt"}))
-        _atomic(files[1], lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        atomic_write(files[0], lambda tmp: save_file(out, str(tmp), metadata={"format": "pt"}))
+        atomic_write(files[1], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
         return files[0]
     if format == "diffusers":
         tensors, metadata = diffusers_layout(model, name)
@@ -76,7 +78,7 @@ def save_lora(model: nn.Module, path: str | Path, *, name: str = "default", form
         tensors, metadata = kohya_layout(model, name), {"format": "pt"}
     out = _checked_tensors(tensors, dtype)
     files[0].parent.mkdir(parents=True, exist_ok=True)
-    _atomic(files[0], lambda tmp: save_file(out, str(tmp), metadata=metadata))
+    atomic_write(files[0], lambda tmp: save_file(out, str(tmp), metadata=metadata))
     return files[0]
 
 
@@ -251,11 +253,3 @@ def _checked_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
             raise LoRAError(f"save_lora: {key} holds NaN or inf{cast}; nothing was written")
     return out
 
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

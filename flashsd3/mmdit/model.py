@@ -15,13 +15,11 @@ single-file checkpoint loads by stripping `model.diffusion_model.`; diffusers na
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDiTConfig
 from .blocks import FinalLayer, JointBlock
@@ -72,9 +70,6 @@ class MMDiT(nn.Module):
             for i in range(c.depth)
         )
         self.final_layer = FinalLayer(D, c.patch_dim)
-        # True: keep only each joint block's inputs while the graph is built and recompute the block
-        # in backward (torch.utils.checkpoint), trading one more forward for activation memory.
-        self.activation_checkpointing = False
 
     @torch.no_grad()
     def init_weights(self) -> MMDiT:
@@ -145,9 +140,6 @@ class MMDiT(nn.Module):
                 pass
             elif capture is not None and capture.attn_probs_of == i:
                 ctx, x, capture.attn_probs = _with_attn_probs(block, ctx, x, vec)
-            elif self.activation_checkpointing and torch.is_grad_enabled():
-                ctx, x = checkpoint(block, ctx, x, vec, use_reentrant=False,
-                                    context_fn=lambda b=block: _same_lora_scales(b))
             else:
                 ctx, x = block(ctx, x, vec)
             if capture is not None and capture.blocks:
@@ -156,23 +148,3 @@ class MMDiT(nn.Module):
         patches = self.final_layer(x, vec)  # (B, N, p*p*C)
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
-
-def _same_lora_scales(block: nn.Module):
-    """checkpoint context_fn: recompute a block under the LoRA scales of its forward pass, which a
-    `lora_scaled` / `lora_disabled` context (flashsd3.lora) may have restored before backward."""
-    layers = [m for m in block.modules() if hasattr(m, "lora_scale")]  # LoRA layers, see lora/layers.py
-    scales = [dict(m.lora_scale) for m in layers]
-
-    @contextmanager
-    def recompute():
-        now = [dict(m.lora_scale) for m in layers]
-        for m, s in zip(layers, scales, strict=True):
-            m.lora_scale.update(s)
-        try:
-            yield
-        finally:
-            for m, s in zip(layers, now, strict=True):
-                m.lora_scale.clear()
-                m.lora_scale.update(s)
-
-    return nullcontext(), recompute()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEMO, DEMO_VAE
+from ..config import DEMO
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
 from ..recipes import FLASH_SD3, Recipe, default_recipe, get_recipe, override
@@ -140,12 +140,11 @@ class FlashSD3Pipeline:
              device: str | torch.device = "cpu") -> FlashSD3Pipeline:
         """The whole pipeline at toy width with random weights (config DEMO): runs anywhere in seconds,
         needs no download, and makes noise-like images by design."""
-        from ..demo import demo_text_encoders
+        from ..demo import demo_text_encoders, demo_transformer_and_vae
 
-        torch.manual_seed(seed)
-        transformer = MMDiT(DEMO).to(device, dtype).eval()
-        vae = VAE(DEMO_VAE).to(device, dtype).eval()
-        return cls(transformer, vae, demo_text_encoders(DEMO, seed).to(device, dtype))
+        transformer, vae = demo_transformer_and_vae(seed)
+        text = demo_text_encoders(DEMO, seed).to(device, dtype)
+        return cls(transformer.to(device, dtype), vae.to(device, dtype), text)
 
     # Tasks --------------------------------------------------------------------------------------
 
