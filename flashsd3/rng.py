@@ -18,15 +18,9 @@ from contextlib import contextmanager
 
 import torch
 
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+from .rules import SEED_LIMIT  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
 _MASK = SEED_LIMIT - 1
-
-
-def check_seed(seed: int, flag: str = "--seed") -> int:
-    """`seed` if it is one flashsd3-sample accepts (an int in 0 .. 2**64 - 1); ValueError naming `flag`."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{flag} {seed!r}: must be an integer in 0 .. 2**64 - 1 (the seeds flashsd3-sample takes)")
-    return seed
 
 
 def mix(*key: int) -> int:

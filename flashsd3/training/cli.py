@@ -121,7 +121,7 @@ def prepare(args) -> int:
     from tqdm import tqdm
 
     from ..distributed import resolve_device
-    from ..rng import check_seed
+    from ..rules import check_seed
     from .cache import prepare_cache, spec_for
     from .data import DataError, check_resolution, find_examples, read_text_file
     from .models import DEMO_MODEL, load_encoders, model_id
@@ -131,7 +131,7 @@ def prepare(args) -> int:
         raise ValueError("give --model PATH|REPO or --demo (one of them)")
     if args.shard_size < 1 or args.batch_size < 1:
         raise ValueError("--shard-size and --batch-size must be positive")
-    check_seed(args.seed)
+    check_seed(args.seed, 1, "--seed")
     check_resolution(args.resolution)
     examples, problems = find_examples(args.data)
     if problems and not args.skip_bad:

@@ -17,7 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass,
 from pathlib import Path
 from typing import Any
 
-from ..rng import check_seed
+from ..rules import check_seed
 
 # Settings a resumed run may change: they do not alter the trajectory, only how long it runs and what it writes.
 # `out` is where the run is now (a run folder may be moved); `cache` is compared as a resolved path.
@@ -78,7 +78,7 @@ class TrainConfig:
                 if not 0 <= getattr(self, n) < math.inf]
         for name in ("seed", "sample_seed"):
             try:
-                check_seed(getattr(self, name), flag(name))
+                check_seed(getattr(self, name), 1, flag(name))
             except ValueError as e:
                 bad.append(str(e))
         if bad:

@@ -15,7 +15,7 @@ import torch
 
 from ..config import DEMO, SD3_MEDIUM, MMDiTConfig
 from ..hub import PIPELINE_PATTERNS, looks_like_repo_id, resolve
-from ..preflight import VAE_DOWNSCALE
+from ..rules import VAE_DOWNSCALE
 
 DEMO_MODEL = "demo"
 
