@@ -82,6 +82,9 @@ def control_images(pipe, control_image) -> list:
     images = list(control_image) if len(nets) > 1 and isinstance(control_image, (list, tuple)) else [control_image]
     if len(images) != len(nets):
         raise ValueError(f"{len(images)} control images for {len(nets)} ControlNets: give a list, one per ControlNet")
+    for net in nets:  # the pipeline's transformer: checked, and lent to those that use its patch embedding
+        if net.transformer is not pipe.transformer:
+            net.attach(pipe.transformer)
     return images
 
 
@@ -99,13 +102,26 @@ def control_size(images: list, height: int | None, width: int | None, factor: in
     return h, w
 
 
-def check_sizes(images: list, height: int, width: int, resize: bool) -> None:
-    """Without an explicit height/width, every control image must have the output's size (no silent resize)."""
-    for k, im in enumerate(images):
+def check_sizes(images: list, mask, height: int, width: int, resize: bool) -> None:
+    """Without an explicit height/width, control images (and mask) must have the output's size (no silent resize)."""
+    named = [(f"control image {k}", im) for k, im in enumerate(images)]
+    named += [("control mask", mask)] if mask is not None else []
+    for what, im in named:
         if not resize and image_size(im) != (height, width):
             h, w = image_size(im)
-            raise ImageError(f"control image {k} is {w}x{h}, the output {width}x{height} (width x height): give "
-                             "images of the output's size, or pass height and width to resize them")
+            raise ImageError(f"{what} is {w}x{h}, the output {width}x{height} (width x height): give images of the "
+                             "output's size, or pass height and width to resize them")
+
+
+def controlled_model(pipe, control_image, scales, starts, stops, mask, batch: int, shape, rng, num_steps: int,
+                     resize: bool) -> ControlledModel:
+    """The call's ControlNets with their encoded control images, around the transformer. shape: the latents'."""
+    images = control_images(pipe, control_image)
+    f = pipe.vae.downscale
+    height, width = shape[-2] * f, shape[-1] * f
+    check_sizes(images, mask, height, width, resize)
+    controls = prepare_controls(pipe, images, scales, starts, stops, mask, batch, height, width, rng)
+    return ControlledModel(pipe.transformer, controls, num_steps)
 
 
 def prepare_controls(pipe, images: list, scales, starts, stops, mask, batch: int, height: int, width: int,

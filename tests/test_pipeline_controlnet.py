@@ -1,0 +1,121 @@
+"""FlashSD3Pipeline with ControlNets against diffusers' StableDiffusion3ControlNetPipeline on the tiny random
+models of tests/helpers_pipeline.py (+ random diffusers ControlNets), with the Flash recipe and Euler + CFG.
+
+Randomness: both pipelines get the same initial latents. diffusers draws each control image's VAE posterior
+sample from the global RNG (and, with CFG, separate draws for the doubled batch); ours draws one per output
+image from the call's source, shared by the CFG halves, as Stability's sd3_impls.py repeats its one control
+latent. The test gives diffusers our draws (its `DiagonalGaussianDistribution.sample` patched to use them) and
+gives ours diffusers' re-noise draws (`noise=`), so both see the same numbers.
+
+Tolerances as tests/test_pipeline.py (measured values in comments): float32 latents relative error
+(max |d| / max |ref|) < 1e-6 without guidance, < 1e-5 with guidance 7; images max abs < 1e-5 (VAE fp32 floor).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flashsd3.controlnet import ControlNetConfig, controlnet_from_state_dict
+
+pytest.importorskip("diffusers", reason="diffusers is the parity reference (pip install .[test])")
+from helpers_controlnet import random_diffusers_controlnet  # noqa: E402
+from helpers_pipeline import initial_latents, make_twins, random_image  # noqa: E402
+from metrics import max_abs, rel_max  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "the dog on mars"]
+NEGATIVE = ["blurry", "a cat"]
+H, W = 64, 96
+CN_SD3 = ControlNetConfig(depth=2, num_heads=2, head_dim=8, in_channels=4, context_dim=32, pooled_dim=24,
+                          pos_embed_max_size=16, sample_size=8)  # InstantX-style: zero pooled text, no VAE shift
+CN_SD35 = dataclasses.replace(CN_SD3, context_dim=None, pos_embed_max_size=None, zero_pooled=False, depth=3)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    cache = {}
+
+    def get(stochastic: bool):
+        if stochastic not in cache:
+            cache[stochastic] = make_twins(tmp_path_factory.mktemp("twins"), torch.float32, stochastic=stochastic)
+        return cache[stochastic]
+
+    return get
+
+
+def controlnet_twins(tw, cfg, seed):
+    """(diffusers ControlNet, ours) with the same random weights (halved, as make_twins halves the transformer's)."""
+    ref = random_diffusers_controlnet(cfg, transformer=tw.ref.transformer, dtype=torch.float64, seed=seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if not name.startswith("pos_embed."):  # the transformer's, when lent
+                p.mul_(0.5)
+    state = {k: v for k, v in ref.state_dict().items() if cfg.own_embedding or not k.startswith("pos_embed.")}
+    ours = controlnet_from_state_dict(state, cfg, dtype=torch.float32, transformer=tw.ours.transformer)
+    if not cfg.own_embedding:
+        del ref.pos_embed  # StableDiffusion3ControlNetPipeline gives it a copy of the transformer's
+        ref.pos_embed = None
+    return ref.float(), ours
+
+
+def run_both(tw, refs, ours, images, *, steps, guidance, sampler, monkeypatch, **kw):
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders import vae as diffusers_vae
+
+    pipe = StableDiffusion3ControlNetPipeline(**tw.ref.components, controlnet=refs if len(refs) > 1 else refs[0])
+    pipe.set_progress_bar_config(disable=True)
+    lat = initial_latents(2, H, W, torch.float32, seed=3)
+    shape = (2, 4, H // 4, W // 4)
+    g = torch.Generator().manual_seed(21)  # ours draws the control posteriors from it, after the initial noise
+    draws = [torch.randn(shape, generator=g) for _ in images]
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        renoise = [torch.randn(shape) for _ in range(steps - 1)]
+
+    def sample(self, generator=None):  # diffusers' posterior draw, with our numbers (doubled batch: both halves)
+        d = draws[len(used)].to(self.mean)
+        used.append(d)
+        return self.mean + self.std * d.repeat(self.mean.shape[0] // d.shape[0], 1, 1, 1)
+
+    used, steps_ref = [], []
+    with monkeypatch.context() as m, torch.random.fork_rng():
+        m.setattr(diffusers_vae.DiagonalGaussianDistribution, "sample", sample)
+        torch.manual_seed(7)
+        ref_img = pipe(prompt=PROMPTS, negative_prompt=NEGATIVE if guidance > 1 else None, height=H, width=W,
+                       control_image=images if len(refs) > 1 else images[0], latents=lat, num_inference_steps=steps,
+                       guidance_scale=guidance, max_sequence_length=77, output_type="pt",
+                       callback_on_step_end=lambda _p, _i, _t, d: steps_ref.append(d["latents"].clone()) or {},
+                       callback_on_step_end_tensor_inputs=["latents"], **kw).images
+    assert len(used) == len(images)
+    tw.ours.controlnets = ours
+    steps_ours = []
+    out = tw.ours(PROMPTS, negative_prompt=NEGATIVE if guidance > 1 else None, height=H, width=W,
+                  control_image=images if len(ours) > 1 else images[0], latents=lat, num_steps=steps,
+                  guidance=guidance, sampler=sampler, generator=torch.Generator().manual_seed(21), noise=renoise,
+                  output_type="pt", callback=lambda i, x: steps_ours.append(x.clone()), **kw)
+    tw.ours.controlnets = []
+    lat_err = max(rel_max(a, b) for a, b in zip(steps_ours, steps_ref, strict=True))
+    return max_abs(out.images, ref_img), lat_err, out.latents
+
+
+@pytest.mark.parametrize("cfg", [CN_SD3, CN_SD35], ids=["sd3_instantx_style", "sd35_image_only"])
+def test_flash_matches_diffusers(twins, cfg, monkeypatch):
+    tw = twins(True)
+    ref_cn, ours_cn = controlnet_twins(tw, cfg, seed=30)
+    img_err, lat_err, latents = run_both(tw, [ref_cn], [ours_cn], [random_image(5, H, W)], steps=4, guidance=0,
+                                         sampler="flash", monkeypatch=monkeypatch, controlnet_conditioning_scale=0.8)
+    assert img_err < 1e-5 and lat_err < 1e-6, (img_err, lat_err)  # measured 3.5e-6 / 4.7e-7 (sd3.5: 3.1e-6 / 5.0e-7)
+    plain = tw.ours(PROMPTS, height=H, width=W, latents=initial_latents(2, H, W, torch.float32, seed=3), num_steps=4,
+                    guidance=0, generator=torch.Generator().manual_seed(21), output_type="latent").latents
+    assert rel_max(latents, plain) > 1e-2  # the ControlNet changes the result
+
+
+def test_two_controlnets_cfg_euler_with_start_stop_match_diffusers(twins, monkeypatch):
+    tw = twins(False)
+    (ref_a, ours_a), (ref_b, ours_b) = controlnet_twins(tw, CN_SD3, seed=31), controlnet_twins(tw, CN_SD3, seed=32)
+    img_err, lat_err, _ = run_both(tw, [ref_a, ref_b], [ours_a, ours_b], [random_image(6, H, W), random_image(7, H, W)],
+                                   steps=4, guidance=7.0, sampler="euler", monkeypatch=monkeypatch,
+                                   controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
+                                   control_guidance_end=[1.0, 0.75])
+    assert img_err < 1e-5 and lat_err < 1e-5, (img_err, lat_err)  # measured 2.9e-6 / 7.4e-7
