@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,12 +40,17 @@ HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors*"]
 
 
 def load_controlnet(source: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                    transformer=None, config: ControlNetConfig | None = None) -> ControlNet:
+                    transformer=None, config: ControlNetConfig | None = None,
+                    control_type: str | None = None) -> ControlNet:
     """Load a ControlNet strictly. transformer: the MMDiT it will run with; required by ControlNets that use the
     transformer's patch embedding (Stability's SD3.5 files, diffusers' use_pos_embed=False), and checked against
-    every ControlNet's width when given. dtype None keeps the file's. `config` overrides config.json/inference."""
+    every ControlNet's width when given. dtype None keeps the file's. `config` overrides config.json/inference;
+    control_type ("canny" for the diffusers copy of Stability's canny ControlNet) sets its pixel convention."""
     reader, config_json = _open(source)
     config = config or read_config(config_json, ControlNetConfig.from_diffusers, "SD3ControlNetModel")
+    if control_type is not None:
+        config = replace(config or infer_config(reader, _layout(reader), _config_of(transformer)),
+                         control_type=control_type)
     return controlnet_from_reader(reader, config, dtype=dtype, device=device, transformer=transformer)
 
 
@@ -53,7 +59,15 @@ def controlnet_config(source: str | Path) -> ControlNetConfig:
     before anything is loaded; Stability files: also their 4-byte `control_type`)."""
     reader, config_json = _open(source)
     config = read_config(config_json, ControlNetConfig.from_diffusers, "SD3ControlNetModel")
-    return config or infer_config(reader, detect_layout(reader, km.LAYOUTS, "SD3 ControlNet").name)
+    return config or infer_config(reader, _layout(reader))
+
+
+def _layout(reader: Reader) -> str:
+    return detect_layout(reader, km.LAYOUTS, "SD3 ControlNet").name
+
+
+def _config_of(transformer):
+    return None if transformer is None else transformer.config
 
 
 def _open(source: str | Path):
@@ -80,11 +94,11 @@ def to_diffusers_state_dict(controlnet: ControlNet) -> dict[str, torch.Tensor]:
 def controlnet_from_reader(reader: Reader, config: ControlNetConfig | None = None, *, dtype=None, device=None,
                            transformer=None) -> ControlNet:
     """Build on the meta device and fill from any Reader, in whichever layout its keys are."""
-    layout = detect_layout(reader, km.LAYOUTS, "SD3 ControlNet").name
+    layout = _layout(reader)
     if transformer is None and (layout == "stability" or config is not None and not config.own_embedding):
         raise ValueError(f"{reader.name}: this ControlNet uses the transformer's patch embedding (as Stability's "
                          "SD3.5 ControlNets do): pass transformer=<the MMDiT it runs with>")
-    config = config or infer_config(reader, layout, None if transformer is None else transformer.config)
+    config = config or infer_config(reader, layout, _config_of(transformer))
     if layout == "stability" and config.residual_rule != "stability":
         raise CheckpointError(f"{reader.name}: a Stability ControlNet file adds its residuals by Stability's rule; "
                               f"the given config has residual_rule {config.residual_rule!r}")
@@ -157,8 +171,6 @@ def infer_config(reader: Reader, layout: str, mmdit=None) -> ControlNetConfig:
 
 
 def _without_type(config: ControlNetConfig) -> ControlNetConfig:
-    from dataclasses import replace
-
     return replace(config, control_type=None)
 
 
