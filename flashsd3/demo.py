@@ -1,4 +1,4 @@
-"""Random toy-width text encoders for the offline demo (real tokenizers, CLIP architecture)."""
+"""Random toy-width text encoders (real tokenizers, CLIP architecture) and ControlNet for the offline demo."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +25,14 @@ def demo_text_encoders(config: MMDiTConfig, seed: int = 0) -> TextEncoders:
     tok_l, tok_g = sd3_clip_tokenizers()
     return TextEncoders(tok_l, tiny_clip("clip_l", config.pooled_dim - g_width, seed),
                         tok_g, tiny_clip("clip_g", g_width, seed + 1), context_dim=config.context_dim)
+
+
+def demo_controlnet(transformer, seed: int = 0):
+    """A toy-width ControlNet (DEMO_CONTROLNET) for the demo transformer, random weights. Not zero-initialised, so
+    the control image visibly changes the (noise-like) output; drawn without touching the global RNG."""
+    from .controlnet import DEMO_CONTROLNET, ControlNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cn = ControlNet(DEMO_CONTROLNET, transformer)
+    return cn.to(transformer.device, transformer.dtype).eval()

@@ -1,7 +1,19 @@
-"""ControlNet for SD3 / SD3.5: the model, its residuals, loaders and control-image helpers."""
-from .config import CONTROLNET_PRESETS, DEMO_CONTROLNET, ControlNetConfig
-from .loading import controlnet_config, controlnet_from_state_dict, load_controlnet, to_diffusers_state_dict
-from .model import ControlNet, ControlNetResiduals
+"""ControlNet for SD3 / SD3.5: the model, its residuals, loaders and control-image helpers.
 
-__all__ = ["ControlNet", "ControlNetConfig", "ControlNetResiduals", "CONTROLNET_PRESETS", "DEMO_CONTROLNET",
-           "controlnet_config", "controlnet_from_state_dict", "load_controlnet", "to_diffusers_state_dict"]
+Names are imported on first use (PEP 562), so flashsd3-sample can read `controlnet.flags` before torch loads.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "ControlNet": "model", "ControlNetResiduals": "model",
+    "ControlNetConfig": "config", "CONTROLNET_PRESETS": "config", "DEMO_CONTROLNET": "config",
+    "controlnet_config": "loading", "controlnet_from_state_dict": "loading", "load_controlnet": "loading",
+    "to_diffusers_state_dict": "loading",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flashsd3.controlnet' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
