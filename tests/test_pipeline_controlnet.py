@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,67 @@ def test_inpainting_controlnet_matches_diffusers(twins, monkeypatch):
     img_err, lat_err, _ = run_both(tw, [ref_cn], [ours_cn], [random_image(8, H, W)], steps=4, guidance=0,
                                    sampler="flash", monkeypatch=monkeypatch, inpainting=True, control_mask=mask)
     assert img_err < 1e-5 and lat_err < 1e-6, (img_err, lat_err)  # measured 2.8e-6 / 4.1e-7
+
+
+def test_controlnet_composes_with_recipes_img2img_inpainting_and_lora(twins):
+    """Runs through every other stage: DPM++ with CFG and skip-layer guidance (two model calls per step), img2img
+    (the steps after the start index), inpainting, and a LoRA on the transformer's patch embedding, which an
+    image-only ControlNet embeds with. Each changes with the ControlNet and stays finite."""
+    from flashsd3.lora import add_lora, lora_disabled, remove_lora
+
+    tw = twins(False)
+    pipe = tw.ours
+    _, cn = controlnet_twins(tw, CN_SD35, seed=34)
+    control, image = random_image(9, H, W), random_image(10, H, W)
+    runs = {
+        "dpm_cfg_slg": dict(recipe="sd3.5-medium-slg", num_steps=5, skip_guidance_layers=[1], height=H, width=W),
+        "img2img": dict(image=image, strength=0.5, num_steps=4),
+        "inpaint": dict(image=image, mask=box_mask(H, W, (16, 24, 48, 72)), num_steps=3),
+    }
+    adapter = add_lora(pipe.transformer, rank=2, alpha=2, targets=["x_embedder.proj"])
+    try:
+        for n, p in pipe.transformer.named_parameters():
+            if n.endswith(".B"):
+                torch.nn.init.normal_(p)  # a live adapter (B starts at 0)
+        for name, kw in runs.items():
+            pipe.controlnets = [cn]
+            a = pipe(PROMPTS[0], seed=1, output_type="latent", control_image=control, **kw).latents
+            pipe.controlnets = []
+            b = pipe(PROMPTS[0], seed=1, output_type="latent", **kw).latents
+            assert torch.isfinite(a).all() and rel_max(a, b) > 1e-3, name
+        lat, t = initial_latents(1, H, W, torch.float32, seed=4), torch.tensor([500.0])
+        ctx, pooled = torch.randn(1, 7, 32), torch.randn(1, 24)
+        control_lat = torch.randn(1, 4, H // 4, W // 4)
+        with torch.no_grad():
+            (on, _), = cn(lat, t, ctx, pooled, control_lat).parts
+            with lora_disabled(pipe.transformer):
+                (off, _), = cn(lat, t, ctx, pooled, control_lat).parts
+        assert rel_max(on[0], off[0]) > 1e-4  # the ControlNet embeds with the adapted transformer
+    finally:
+        pipe.controlnets = []
+        remove_lora(pipe.transformer, adapter)
+
+
+@pytest.mark.parametrize("control_type, rule, zero_pooled, to_pixels, shifted", [
+    ("canny", "stability", False, lambda x: x * 255 * 0.5 + 0.5, True),  # sd3_infer.py vae_encode, controlnet_type 1
+    ("depth", "stability", False, lambda x: 2 * x - 1, True),
+    (None, "diffusers", False, lambda x: 2 * x - 1, True),  # SD3.5 in diffusers' layout: pooled text, VAE shift
+    (None, "diffusers", True, lambda x: 2 * x - 1, False),  # InstantX: zero pooled text, no VAE shift
+])
+def test_control_image_conventions(twins, monkeypatch, control_type, rule, zero_pooled, to_pixels, shifted):
+    from flashsd3.controlnet import ControlNet
+    from flashsd3.pipeline import PerImageNoise
+    from flashsd3.pipeline.control import encode_control
+
+    pipe = twins(False).ours
+    cfg = dataclasses.replace(CN_SD35, depth=1, residual_rule=rule, control_type=control_type, zero_pooled=zero_pooled)
+    cn = ControlNet(cfg, pipe.transformer)
+    image, seen, encode = random_image(11, H, W), [], pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda p: seen.append(p) or encode(p))
+    latents = encode_control(pipe, cn, image, None, 1, H, W, PerImageNoise([4]))
+    x01 = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    torch.testing.assert_close(seen[0], to_pixels(x01), rtol=0, atol=1e-5)
+    q = encode(seen[0])
+    z = q.mean + q.std * torch.randn(q.mean.shape[1:], generator=torch.Generator().manual_seed(4))
+    shift = pipe.vae.config.shift_factor if shifted else 0.0
+    torch.testing.assert_close(latents, (z - shift) * pipe.vae.config.scaling_factor, rtol=0, atol=1e-6)
