@@ -170,8 +170,6 @@ class ControlNetResiduals:
         total.parts = self.parts + other.parts
         return total
 
-    __radd__ = __add__  # sum() starts from 0
-
     def at_block(self, i: int, depth: int) -> torch.Tensor | None:
         """The sum of the residuals added after joint block i of `depth`, or None."""
         picked = [r[k] for r, rule in self.parts if (k := residual_index(rule, i, depth, len(r))) is not None]

@@ -151,7 +151,7 @@ def encode_control(pipe, net: ControlNet, image, mask, batch: int, height: int, 
     if c.extra_channels:  # diffusers' inpainting ControlNet pipeline: repainted pixels set to -1
         pixel_mask = preprocess_mask(mask, height, width)  # (n, 1, H, W), 1 = repaint
         pixels = torch.where(pixel_mask > 0.5, -1.0, pixels)
-    elif c.control_type == "canny" and c.residual_rule == "stability":
+    elif c.control_type == "canny":
         pixels = (pixels + 1) / 2 * 255 * 0.5 + 0.5  # sd3_infer.py vae_encode, controlnet_type == 1
     pixels = pixels.to(pipe.device, vae.dtype)
     posteriors = [vae.encode(p[None]) for p in pixels]  # one at a time, as prepare_edit
