@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from flashsd3.controlnet import ControlNetConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run single-threaded (import this fixture into a test module): a second thread gains nothing at
+    these sizes and, spinning on a busy machine, quadrupled the CPU time of tests/test_pipeline_controlnet.py."""
+    torch.set_num_threads(1)
 
 
 def randomize(module, seed: int, std: float = 0.3) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from flashsd3 import cli
 from flashsd3.controlnet import DEMO_CONTROLNET, ControlNet, to_diffusers_state_dict
+from helpers_controlnet import one_thread  # noqa: F401 (autouse fixture: single-threaded)
 
 PROMPT = "a lighthouse at dusk"
 ERR = "flashsd3-sample: error: "

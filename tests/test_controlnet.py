@@ -11,6 +11,7 @@ from flashsd3.mmdit import from_diffusers_state_dict
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
 from helpers_controlnet import (  # noqa: E402
+    one_thread,  # noqa: F401 (autouse fixture)
     random_diffusers_controlnet,
     random_stability_state_dict,
     run_diffusers,

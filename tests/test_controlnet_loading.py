@@ -23,6 +23,7 @@ from flashsd3.keymaps import controlnet as km
 from flashsd3.keymaps.rules import plan_keys
 from flashsd3.mmdit import MMDiT
 from flashsd3.weights import CheckpointError
+from helpers_controlnet import one_thread  # noqa: F401 (autouse fixture: single-threaded)
 from helpers_reference import FIXTURES, KeyListReader, read_json, read_tsv
 
 PUBLISHED = {  # key list, preset, layout, values, published bytes (size listed on the hub), bytes per value

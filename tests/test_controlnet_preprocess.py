@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from flashsd3.controlnet.preprocess import blur, canny, canny_torch, main, tile
+from helpers_controlnet import one_thread  # noqa: F401 (autouse fixture: single-threaded)
 
 
 def smooth(h, w, channels, seed):
