@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from . import hub
+from .controlnet import flags as control_flags
 from .distributed import Ranks, resolve_device
 from .outputs import OutputError, Plan, check_out_dir, new_file_mode, save_image
 from .preflight import check_loras, model_config
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "keep; grayscale, of the image's size")
     g.add_argument("--strength", type=_number(float, low=None), metavar="F", help="(0, 1]: how much of the "
                    "schedule runs from the noised image (default 0.6 img2img, 1.0 inpainting)")
+    control_flags.add_arguments(p, path)
     add_model_arguments(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", type=path, default=Path("outputs"), metavar="DIR", help="default: %(default)s")
@@ -163,7 +165,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 # Checks before any model is loaded or any folder created ----------------------------------------
 
-def parse_lora(value: str) -> tuple[str, float]:
+def parse_lora(value: str, flag: str = "--lora") -> tuple[str, float]:
     """'src' or 'src:scale'. An existing path is never split, so 'C:\\loras\\x.safetensors' and
     'user/repo' stay whole; text after the last ':' without a path separator must be the scale."""
     head, sep, tail = value.rpartition(":")
@@ -172,9 +174,9 @@ def parse_lora(value: str) -> tuple[str, float]:
     try:
         scale = float(tail)
     except ValueError:
-        raise UsageError(f"--lora {value}: the scale {tail!r} is not a number (SOURCE or SOURCE:SCALE)") from None
+        raise UsageError(f"{flag} {value}: the scale {tail!r} is not a number (SOURCE or SOURCE:SCALE)") from None
     if not math.isfinite(scale):
-        raise UsageError(f"--lora {value}: the scale must be a finite number")
+        raise UsageError(f"{flag} {value}: the scale must be a finite number")
     return head, scale
 
 
@@ -229,12 +231,17 @@ def check_inputs(args) -> Inputs:
     loras = lora_list(args.lora, args.demo)
     config = model_config(args.model, args.demo)
     edit = load_edit(args)
+    controls = control_flags.check_controls(args, [parse_lora(v, "--controlnet") for v in args.controlnet or []],
+                                            config, edit)
+    resized = args.height is not None
+    args.height, args.width = control_flags.output_size(controls, edit, args.height, args.width, config)
     args.height, args.width = run_size(edit, args.height, args.width, config, DEMO_SIZE if args.demo else 1024)
+    control_flags.check_sizes(controls, args.height, args.width, resized)
     check_loras(config, [source for source, _ in loras])
     recipe = run_recipe(args, config, bool(loras)) if config is not None else None
     if recipe is not None:
         check_schedule(recipe, edit)
-    return Inputs(loras, prompts, edit, recipe)
+    return Inputs(loras, prompts, edit, recipe, controls)
 
 
 def checked(ranks: Ranks, step):
@@ -255,7 +262,7 @@ def checked(ranks: Ranks, step):
 
 # Model and generation ---------------------------------------------------------------------------
 
-def load_pipeline(args, loras, device, dtype: str):
+def load_pipeline(args, loras, device, dtype: str, controls=()):
     import torch
 
     from .lora import load_lora, merge_lora
@@ -272,6 +279,7 @@ def load_pipeline(args, loras, device, dtype: str):
             load_lora(pipe.transformer, source, scale=scale, name=f"lora{k}")
         if loras:
             merge_lora(pipe.transformer, discard=True)  # the CLI never unmerges
+        control_flags.load(pipe, controls, torch_dtype, device)
         check_size(pipe.transformer.config, args.height, args.width, vae_downscale=pipe.vae.downscale,
                    names=SIZE_FLAGS)  # a downloaded model's position table
     except hub.WeightsUnavailable as e:
@@ -311,7 +319,8 @@ def generate(pipe, args, inputs: Inputs, plan: Plan, ranks: Ranks, meta: dict, n
     with bar:
         for batch in plan.batches(args.batch_size, ranks.rank, ranks.world):
             images = call(pipe, edit, [j.prompt for j in batch], negative_prompt=negative, height=args.height,
-                          width=args.width, recipe=inputs.recipe, seed=[j.seed for j in batch], callback=step_note)
+                          width=args.width, recipe=inputs.recipe, seed=[j.seed for j in batch], callback=step_note,
+                          **control_flags.call_arguments(inputs.controls))
             for job, image in zip(batch, images, strict=True):
                 save_image(image, args.out, job, meta, overwrite=args.overwrite, sidecar=args.json, mode=mode)
                 bar.update(1)
@@ -323,8 +332,8 @@ def run_metadata(args, inputs: Inputs, dtype: str, negative: str | None) -> dict
     return {"negative_prompt": negative or "", **metadata(inputs.recipe, inputs.edit),
             "width": args.width, "height": args.height,
             "model": "demo (random weights, flashsd3.config.DEMO)" if args.demo else args.model,
-            "lora": [{"source": s, "scale": c} for s, c in inputs.loras], "t5": args.t5, "dtype": dtype,
-            "software": "flashsd3"}
+            "lora": [{"source": s, "scale": c} for s, c in inputs.loras], **control_flags.metadata(inputs.controls),
+            "t5": args.t5, "dtype": dtype, "software": "flashsd3"}
 
 
 def run(args, ranks: Ranks, device) -> int:
@@ -343,7 +352,7 @@ def run(args, ranks: Ranks, device) -> int:
     if inputs.recipe is not None:
         say(describe(inputs.recipe))
     t0 = time.perf_counter()
-    pipe = checked(ranks, lambda: load_pipeline(args, inputs.loras, device, dtype))
+    pipe = checked(ranks, lambda: load_pipeline(args, inputs.loras, device, dtype, inputs.controls))
     t1 = time.perf_counter()
     if inputs.recipe is None:  # a hub model: its config is known now
         inputs.recipe = checked(ranks, lambda: run_recipe(args, pipe.transformer.config, bool(inputs.loras)))

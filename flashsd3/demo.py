@@ -1,6 +1,6 @@
-"""The offline demo's random models: the MMDiT and VAE at toy width (configs DEMO, DEMO_VAE) and toy-width
-CLIP text encoders (real tokenizers, CLIP architecture). The same seed gives the same weights everywhere:
-`flashsd3-sample --demo`, `FlashSD3Pipeline.demo` and `flashsd3-train --demo` share them."""
+"""The offline demo's random models: the MMDiT and VAE at toy width (configs DEMO, DEMO_VAE), toy-width
+CLIP text encoders (real tokenizers, CLIP architecture) and a toy-width ControlNet. The same seed gives the same
+weights everywhere: `flashsd3-sample --demo`, `FlashSD3Pipeline.demo` and `flashsd3-train --demo` share them."""
 from __future__ import annotations
 
 from .config import DEMO, DEMO_VAE, MMDiTConfig
@@ -39,3 +39,13 @@ def demo_text_encoders(config: MMDiTConfig, seed: int = 0):
     tok_l, tok_g = sd3_clip_tokenizers()
     return TextEncoders(tok_l, tiny_clip("clip_l", config.pooled_dim - g_width, seed),
                         tok_g, tiny_clip("clip_g", g_width, seed + 1), context_dim=config.context_dim)
+
+
+def demo_controlnet(transformer, seed: int = 0):
+    """A toy-width ControlNet (DEMO_CONTROLNET) for the demo transformer, random weights. Not zero-initialised, so
+    the control image visibly changes the (noise-like) output; drawn without touching the global RNG."""
+    from .controlnet import DEMO_CONTROLNET, ControlNet
+
+    with seeded(seed):
+        cn = ControlNet(DEMO_CONTROLNET, transformer)
+    return cn.to(transformer.device, transformer.dtype).eval()

@@ -8,7 +8,7 @@ torch is imported inside functions only: the CLI sets MKL's environment before t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import MMDiTConfig
 from .preflight import PreflightError
@@ -138,6 +138,7 @@ class Inputs:
     prompts: list[str]
     edit: Edit | None  # the image (and mask) to edit; None for text to image
     recipe: object | None  # the effective Recipe; None until a hub model's config is known
+    controls: list = field(default_factory=list)  # flashsd3.controlnet.flags.ControlRun, one per --controlnet
 
 
 def run_size(edit: Edit | None, height: int | None, width: int | None, config: MMDiTConfig | None,

@@ -122,12 +122,15 @@ class MMDiT(nn.Module):
         *,
         skip_blocks: tuple[int, ...] | list[int] = (),
         capture: Capture | None = None,
+        controlnet_residuals=None,
     ) -> torch.Tensor:
         """latents (B, C, H, W), timestep (B,) in [0, 1000], context (B, L, context_dim),
         pooled (B, pooled_dim) -> velocity (B, C, H, W).
 
         skip_blocks: indices of joint blocks to bypass (both streams pass through unchanged), as
         diffusers' `skip_layers`.
+        controlnet_residuals: `flashsd3.controlnet.ControlNetResiduals`, added to the image stream after the
+        blocks it maps to (diffusers' `block_controlnet_hidden_states`).
         """
         B, _, H, W = latents.shape
         p = self.config.patch_size
@@ -142,6 +145,8 @@ class MMDiT(nn.Module):
                 ctx, x, capture.attn_probs = _with_attn_probs(block, ctx, x, vec)
             else:
                 ctx, x = block(ctx, x, vec)
+            if controlnet_residuals is not None:
+                x = controlnet_residuals.add_to(x, i, self.config.depth)
             if capture is not None and capture.blocks:
                 capture.block_outputs.append((ctx, x))
 

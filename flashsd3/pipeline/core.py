@@ -41,6 +41,7 @@ from ..sampling import (
 from ..text_encoders import TextEncoders
 from ..vae import VAE, load_vae
 from .checks import check_count, check_finite, check_output_type, check_prompts
+from .control import ControlledModel, control_images, control_size, controlled_model
 from .noise import check_seed, random_source
 
 DEFAULT_SIZE = 1024  # SD3's training resolution (diffusers: transformer sample_size 128 x VAE factor 8)
@@ -77,6 +78,7 @@ class FlashSD3Pipeline:
         self.recipe = get_recipe(recipe if recipe is not None else FLASH_SD3).replace(shift=shift)
         self.offload_text_encoders = offload_text_encoders  # move the text encoders to CPU after encoding
         self.loras: list[tuple[str, float]] = []  # (source, scale) loaded by from_pretrained, merged or not
+        self.controlnets: list = []  # flashsd3.load_controlnet(...) models, used by calls given control_image
 
     @property
     def device(self) -> torch.device:
@@ -177,6 +179,11 @@ class FlashSD3Pipeline:
         noise: Sequence[torch.Tensor] | Callable | None = None,
         output_type: str = "pil",
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        control_mask=None,
     ) -> PipelineOutput:
         """Generate images from text; with `image` (+ `strength`) edit it (img2img), with `image` and `mask`
         repaint the mask's white region (prefer `img2img` / `inpaint`, which call this).
@@ -187,6 +194,9 @@ class FlashSD3Pipeline:
         seed + k (or seed[k]), reproducible across devices and batch compositions; `generator` instead
         draws for the whole batch at once. latents: the initial noise; noise: the sampler's re-noise
         draws. `prompt_embeds` = (context, pooled) replaces the text encoders.
+        control_image: one per ControlNet in `self.controlnets` (a list for several), each with its scale and its
+        start/stop fractions of the steps (diffusers' names); control_mask: the inpainting ControlNet's mask
+        (default `mask`). Without height/width a txt2img output has the control image's size.
         """
         check_output_type(output_type)
         rec = self.settings(recipe, steps=num_steps, guidance=guidance, sampler=sampler,
@@ -200,6 +210,9 @@ class FlashSD3Pipeline:
         cond, uncond = self.conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                          num_images_per_prompt, rec)
         edit = self.prepare_edit(image, mask, strength, height, width, batch, rng)  # None for txt2img
+        resize = height is not None  # control images are resized only to an explicit size
+        if control_image is not None and edit is None:
+            height, width = control_size(control_images(self, control_image), height, width, self.image_factor)
         sched = self.schedule(rec, sigmas, edit)
         if rec.slg is not None and rec.cfg:  # on the whole table: an edit runs its last steps
             full = len(sched) - 1 if edit is None else (len(sigmas) - 1 if sigmas is not None else rec.steps)
@@ -207,7 +220,10 @@ class FlashSD3Pipeline:
         x, start_noise = self.initial_latents(latents, batch, height, width, rng, edit, sched[0])
         inpaint = None if edit is None or edit.mask is None else \
             InpaintConstraint(edit.latents, start_noise, edit.mask, sched)
-        denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint)
+        model = None if control_image is None else controlled_model(
+            self, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            control_mask if control_mask is not None else mask, batch, x.shape, rng, len(sched) - 1, resize)
+        denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint, model)
         x = self.sample(rec.sampler, denoise, x, sched, rng, noise, callback, inpaint)
         return self.output(x, output_type, seeds)
 
@@ -348,13 +364,16 @@ class FlashSD3Pipeline:
             return noise.to(self.dtype), noise
         return forward_process(edit.latents, noise, sigma), noise  # diffusers scheduler.scale_noise
 
-    def denoiser(self, cond, uncond, rec: Recipe, num_steps: int, inpaint: InpaintConstraint | None):
-        """velocity model -> CFG -> skip-layer guidance -> inpainting constraint, each optional."""
+    def denoiser(self, cond, uncond, rec: Recipe, num_steps: int, inpaint: InpaintConstraint | None,
+                 model: ControlledModel | None = None):
+        """velocity model (+ ControlNets) -> CFG -> skip-layer guidance -> inpainting constraint, each optional."""
+        model_fn = self.transformer if model is None else model
         if rec.slg is not None and rec.cfg:
-            denoise = skip_layer_denoiser(self.transformer, cond, uncond, rec.guidance, rec.slg, num_steps)
+            denoise = skip_layer_denoiser(model_fn, cond, uncond, rec.guidance, rec.slg, num_steps)
         else:
-            denoise = cfg_denoiser(self.transformer, cond, uncond, rec.guidance)
-        return denoise if inpaint is None else inpaint.wrap(denoise)
+            denoise = cfg_denoiser(model_fn, cond, uncond, rec.guidance)
+        denoise = denoise if inpaint is None else inpaint.wrap(denoise)
+        return denoise if model is None else model.track(denoise)
 
     def sample(self, name: str, denoise, x, sched, rng, noise, callback, inpaint: InpaintConstraint | None):
         """Run the recipe's sampler; a stochastic one draws its re-noise from `rng` unless `noise` is given."""

@@ -1,0 +1,132 @@
+"""flashsd3-sample's ControlNet flags: `--controlnet PATH[:SCALE] --control-image FILE`, repeatable, in pairs.
+
+Checked before any model is loaded (`check_controls`): one image per ControlNet, each image readable, each
+ControlNet's config (config.json or safetensors header) of the model's width, patch and latent channels, the
+inpainting ControlNet only with --image and --mask. Without --height/--width (and without --image) the output
+takes the first control image's size; every control image must then have the output's size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..preflight import VAE_DOWNSCALE, PreflightError, check_size
+
+DEMO = "demo"  # --controlnet demo: the demo model's toy ControlNet (flashsd3.demo.demo_controlnet)
+
+
+@dataclass(frozen=True)
+class ControlRun:
+    """One --controlnet with its --control-image."""
+
+    source: str
+    scale: float
+    image: object  # PIL RGB
+    image_path: str
+    config: object | None  # ControlNetConfig; None for a hub id (known once downloaded)
+
+
+def add_arguments(parser, path_type) -> None:
+    g = parser.add_argument_group("ControlNet (repeatable: the k-th --control-image goes with the k-th --controlnet)")
+    g.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
+                   help="diffusers folder or file (InstantX SD3 canny/pose/tile, alimama inpainting), Stability's "
+                        "SD3.5 single file, or a hub id; 'demo' with --demo. SCALE: conditioning scale (default 1)")
+    g.add_argument("--control-image", action="append", type=path_type, metavar="FILE",
+                   help="its control image (edges, depth, pose, blur...) of the output's size; python -m "
+                        "flashsd3.controlnet.preprocess makes canny / blur / tile ones")
+
+
+def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[ControlRun]:
+    """pairs: the parsed --controlnet values (source, scale). Reads every control image and ControlNet config."""
+    from ..images import ImageError, load_image
+
+    images = args.control_image or []
+    if len(images) != len(pairs):
+        raise PreflightError(f"{len(pairs)} --controlnet and {len(images)} --control-image: give them in pairs")
+    runs = []
+    for (source, scale), image_path in zip(pairs, images, strict=True):
+        try:
+            image = load_image(image_path)
+        except ImageError as e:
+            raise PreflightError(f"--control-image: {e}") from None
+        cn_config = _config(source, args.demo, config)
+        if cn_config is not None and cn_config.extra_channels and (edit is None or edit.mask is None):
+            raise PreflightError(f"--controlnet {source} is an inpainting ControlNet (mask channel): it needs "
+                                 "--image and --mask (white = repaint)")
+        runs.append(ControlRun(source, scale, image, str(image_path), cn_config))
+    return runs
+
+
+def _config(source: str, demo: bool, model_config):
+    from .. import hub
+    from ..weights import CheckpointError
+    from .config import DEMO_CONTROLNET
+    from .loading import controlnet_config
+    from .model import check_compatible
+
+    if source == DEMO:
+        if not demo:
+            raise PreflightError("--controlnet demo is the demo model's toy ControlNet: it needs --demo")
+        return DEMO_CONTROLNET
+    if not Path(source).exists():
+        if not hub.looks_like_repo_id(source):
+            raise PreflightError(f"--controlnet {source}: no such file or folder, and not a hub repo id (owner/name)")
+        return None
+    try:
+        cn_config = controlnet_config(source)
+    except (CheckpointError, OSError) as e:
+        raise PreflightError(f"--controlnet {source}: {e}") from None
+    if model_config is not None:
+        try:
+            check_compatible(cn_config, model_config)
+        except ValueError as e:
+            raise PreflightError(f"--controlnet {source}: {e}") from None
+    return cn_config
+
+
+def output_size(runs: list[ControlRun], edit, height, width, config) -> tuple[int | None, int | None]:
+    """--height/--width as given, or the first control image's size for a text-to-image run."""
+    if not runs or edit is not None or height is not None or width is not None:
+        return height, width
+    w, h = runs[0].image.size
+    if config is not None:
+        try:
+            check_size(config, h, w)
+        except PreflightError as e:
+            raise PreflightError(f"--control-image {runs[0].image_path} is {w}x{h}, the output size without "
+                                 f"--height/--width: {e}") from None
+    elif h % (VAE_DOWNSCALE * 2) or w % (VAE_DOWNSCALE * 2):
+        raise PreflightError(f"--control-image {runs[0].image_path} is {w}x{h}: not a multiple of 16")
+    return h, w
+
+
+def check_sizes(runs: list[ControlRun], height: int, width: int, resized: bool) -> None:
+    """Control images must have the output's size unless --height/--width ask for a resize."""
+    for run in runs:
+        w, h = run.image.size
+        if not resized and (h, w) != (height, width):
+            raise PreflightError(f"--control-image {run.image_path} is {w}x{h}, the output {width}x{height}: give it "
+                                 "the output's size, or pass --height and --width to resize it")
+
+
+def load(pipe, runs: list[ControlRun], dtype, device) -> None:
+    """pipe.controlnets, each on the pipeline's transformer (its width checked again)."""
+    from ..demo import demo_controlnet
+    from .loading import load_controlnet
+
+    pipe.controlnets = [demo_controlnet(pipe.transformer) if r.source == DEMO else
+                        load_controlnet(r.source, dtype=dtype, device=device, transformer=pipe.transformer)
+                        for r in runs]
+
+
+def call_arguments(runs: list[ControlRun]) -> dict:
+    """The pipeline call's ControlNet arguments (none without --controlnet)."""
+    if not runs:
+        return {}
+    one = len(runs) == 1
+    return {"control_image": runs[0].image if one else [r.image for r in runs],
+            "controlnet_conditioning_scale": runs[0].scale if one else [r.scale for r in runs]}
+
+
+def metadata(runs: list[ControlRun]) -> dict:
+    return {"controlnet": [{"source": r.source, "scale": r.scale, "control_image": r.image_path} for r in runs]}
