@@ -72,6 +72,17 @@ def _nearest(value: int, factor: int) -> str:
     return " or ".join(str(v) for v in (low, low + factor) if v > 0)
 
 
+# Numbers ---------------------------------------------------------------------------------------------
+
+def check_number(value, name: str, *, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number in [low, high] (no bound where None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {_show(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InputError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
 # Seeds -----------------------------------------------------------------------------------------------
 
 def check_seed(seed, count: int, name: str = "seed") -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..preflight import VAE_DOWNSCALE, PreflightError, check_size
+from ..preflight import PreflightError
+from ..rules import VAE_DOWNSCALE, InputError, check_size
 
 DEMO = "demo"  # --controlnet demo: the demo model's toy ControlNet (flashsd3.demo.demo_controlnet)
 
@@ -92,7 +93,7 @@ def output_size(runs: list[ControlRun], edit, height, width, config) -> tuple[in
     if config is not None:
         try:
             check_size(config, h, w)
-        except PreflightError as e:
+        except InputError as e:
             raise PreflightError(f"--control-image {runs[0].image_path} is {w}x{h}, the output size without "
                                  f"--height/--width: {e}") from None
     elif h % (VAE_DOWNSCALE * 2) or w % (VAE_DOWNSCALE * 2):

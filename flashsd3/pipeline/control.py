@@ -18,8 +18,9 @@ import torch
 
 from ..controlnet import ControlNet, ControlNetResiduals
 from ..images import ImageError, image_size, mask_to_latents, preprocess_image, preprocess_mask
+from ..rules import check_number
 from ..sampling import noise_to
-from .checks import check_finite, check_number
+from .checks import check_finite
 
 
 @dataclass
