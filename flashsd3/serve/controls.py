@@ -51,6 +51,7 @@ class Unit:
     run: ControlRun  # source, scale, image (PIL RGB, after preprocessing), its label, config, start, stop, preprocess
     digest: str  # of the control image's pixels
     field: str  # the request field it came from, for messages
+    image_field: str  # its control image's field
     module: str = "none"  # the preprocessor run on the image sent (a MODULES name)
     crop: bool = False  # crop to the output's aspect before the resize (A1111's "Crop and Resize")
     show: bool = False  # A1111: return the control image after the generated ones (save_detected_map)
@@ -83,8 +84,9 @@ async def make_units(requests: list[UnitRequest], engine, limits, status: int, e
     from starlette.concurrency import run_in_threadpool
 
     if len(requests) > limits.max_controlnets:
-        raise ApiError(status, f"{len(requests)} ControlNets in one request; at most {limits.max_controlnets} "
-                       "(--max-controlnets)", param=requests[-1].field, code="too_many_controlnets")
+        where = requests[0].field.rsplit("[", 1)[0]  # the list
+        raise ApiError(status, f"{where}: {len(requests)} ControlNets in one request; at most "
+                       f"{limits.max_controlnets} (--max-controlnets)", param=where, code="too_many_controlnets")
     return await run_in_threadpool(lambda: [make_unit(r, engine, limits.max_upload_pixels, status, edit)
                                             for r in requests])
 
@@ -102,19 +104,20 @@ def make_unit(req: UnitRequest, engine, max_upload_pixels: int, status: int, edi
     if start >= stop:
         raise fail(f"{start:g} must be below {req.names['stop']} {stop:g} (fractions of the steps it acts on)",
                    "start")
+    image_field = f"{req.field}.{req.names['image']}"
     if req.image is None:
         if edit is None:
             raise fail("the control image is required (base64)", "image", "missing_image")
         image, label = edit  # as the A1111 extension does in img2img: the image to edit
     else:
-        where = f"{req.field}.{req.names['image']}"
-        image, label = _rgb(open_image(from_base64(req.image, where, status), where, max_upload_pixels, status),
-                            where, status), "upload"
+        data = from_base64(req.image, image_field, status)
+        image, label = _rgb(open_image(data, image_field, max_upload_pixels, status), image_field, status), "upload"
     module = req.module or "none"
     image, recipe = preprocessed(image, module, req.settings, fail)
     run = ControlRun(loaded.source, loaded.scale if req.scale is None else req.scale, image, label,
                      loaded.net.config, start, stop, recipe)
-    return Unit(loaded.name, run, _digest(image), req.field, module, req.crop, req.show)
+    return Unit(loaded.name, run, _digest(image), req.field, image_field, module, req.crop,
+                req.show)
 
 
 def preprocessed(image, module: str, settings: tuple, fail):
@@ -148,9 +151,9 @@ def output_size(units: list[Unit], height, width, factor: int, status: int) -> t
     first = units[0]
     w, h = first.run.image.size
     try:
-        return edit_size((h, w), height, width, factor, image=f"{first.field} (control image)")
+        return edit_size((h, w), height, width, factor, image=f"{first.image_field} (a control image)")
     except InputError as e:
-        raise ApiError(status, str(e), param=first.field, code="image_size") from None
+        raise ApiError(status, str(e), param=first.image_field, code="image_size") from None
 
 
 def fit(units: list[Unit], height: int, width: int, explicit: bool, status: int) -> list[Unit]:
@@ -160,10 +163,11 @@ def fit(units: list[Unit], height: int, width: int, explicit: bool, status: int)
     for u in units:
         w, h = u.run.image.size
         if not explicit and (w, h) != (width, height):
-            raise ApiError(status, f"{u.field}: the control image is {w}x{h}, the output {width}x{height}: give it "
-                           "the output's size, or give width and height to resize it", param=u.field,
+            raise ApiError(status, f"{u.image_field}: the control image is {w}x{h}, the output {width}x{height}: "
+                           "give it the output's size, or give width and height to resize it", param=u.image_field,
                            code="image_size")
-        out.append(replace(u, run=replace(u.run, image=_crop(u.run.image, width, height))) if u.crop else u)
+        image = _crop(u.run.image, width, height) if u.crop else u.run.image
+        out.append(u if image is u.run.image else replace(u, run=replace(u.run, image=image), digest=_digest(image)))
     return out
 
 
