@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -111,6 +112,24 @@ def txt2img(server, units: list[dict], **fields):
     return server.post("/sdapi/v1/txt2img", body)
 
 
+def test_controlnet_flags_are_checked_as_flashsd3_samples_before_loading(tmp_path):
+    import torch
+
+    from flashsd3.cli import UsageError
+    from flashsd3.controlnet import DEMO_CONTROLNET, ControlNet
+    from flashsd3.serve.cli import build_parser
+    from flashsd3.serve.engine import load_engine
+    from helpers_controlnet import save_diffusers_folder
+
+    save_diffusers_folder(ControlNet(replace(DEMO_CONTROLNET, num_heads=4)), tmp_path / "wide")
+    for flags, message in [(["--controlnet", str(tmp_path / "nowhere")], "no such file or folder"),
+                           (["--controlnet", "demo:strong"], "the scale 'strong' is not a number"),
+                           (["--controlnet", str(tmp_path / "wide")], "width (heads x head_dim) 32 does not match "
+                                                                       "the transformer's 16")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            load_engine(build_parser().parse_args(["--demo", *flags]), torch.device("cpu"), "fp32")
+
+
 def test_controlnets_are_listed_by_name(server):
     assert server.get("/controlnet/model_list")[2] == {"model_list": ["demo", "inpaint-cn"]}
     modules = server.get("/controlnet/module_list")[2]
@@ -154,6 +173,9 @@ def test_openai_edit_with_the_inpainting_controlnet_on_the_image_to_edit(client,
     assert json.loads(png_text(got)["controlnet"]) == [{"source": refs.inpaint_cn, "scale": 1.0,
                                                         "control_image": "in.png"}]
     assert np.abs(pixels(got) - pixels(refs.file("inpaint"))).max() > 10 * ROUNDING  # the ControlNet acts
+    with open(refs.root / "in.png", "rb") as image, pytest.raises(openai.BadRequestError,
+                                                                  match="controlnets in a form is one field of JSON"):
+        client.images.edit(image=image, prompt="x", extra_body={"controlnets": [{"name": "demo"}]})  # flattened
 
 
 def test_a1111_canny_preprocessor_and_crop_and_resize(server, refs):

@@ -57,8 +57,11 @@ def _convert(value, field: Field, form: bool):
     if kind == "loras":
         return _loras(value)
     if kind == "objects":
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        if not isinstance(value, list):
             raise TypeError(f"expected a list of objects, got {_show(value)}")
+        other = next((v for v in value if not isinstance(v, dict)), None)
+        if other is not None:
+            raise TypeError(f"expected a list of objects, got a list holding {_show(other)}")
         return value
     raise AssertionError(kind)
 
