@@ -83,6 +83,8 @@ async def make_units(requests: list[UnitRequest], engine, limits, status: int, e
     edit: (PIL image, label) of an edit, the control image of a unit that sends none."""
     from starlette.concurrency import run_in_threadpool
 
+    if not requests:
+        return []
     if len(requests) > limits.max_controlnets:
         where = requests[0].field.rsplit("[", 1)[0]  # the list
         raise ApiError(status, f"{where}: {len(requests)} ControlNets in one request; at most "
