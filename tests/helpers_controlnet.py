@@ -50,6 +50,20 @@ def random_diffusers_controlnet(cfg: ControlNetConfig, transformer=None, dtype=t
     return ref
 
 
+def save_diffusers_folder(cn, folder) -> None:
+    """`cn` (a flashsd3 ControlNet) as a diffusers folder: config.json + diffusion_pytorch_model.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from flashsd3.controlnet import to_diffusers_state_dict
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cn.config.to_diffusers()))
+    save_file({k: v.contiguous() for k, v in to_diffusers_state_dict(cn).items()},
+              folder / "diffusion_pytorch_model.safetensors")
+
+
 def run_diffusers(ref_cn, ref_tr, lat, t, ctx, pooled, control, scale=1.0):
     """(controlnet_block_samples, velocity) as the diffusers pipeline computes them (zero pooled text for
     force_zeros_for_pooled_projection, no text for an image-only ControlNet)."""

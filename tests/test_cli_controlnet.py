@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from flashsd3 import cli
-from flashsd3.controlnet import DEMO_CONTROLNET, ControlNet, to_diffusers_state_dict
-from helpers_controlnet import one_thread  # noqa: F401 (autouse fixture: single-threaded)
+from flashsd3.controlnet import DEMO_CONTROLNET, ControlNet
+from helpers_controlnet import one_thread, save_diffusers_folder  # noqa: F401 (autouse fixture: single-threaded)
 
 PROMPT = "a lighthouse at dusk"
 ERR = "flashsd3-sample: error: "
@@ -37,15 +37,6 @@ def files(tmp_path, monkeypatch):
                       ("inpaint_cn", replace(DEMO_CONTROLNET, extra_channels=1))):
         save_diffusers_folder(ControlNet(cfg), tmp_path / name)
     return tmp_path
-
-
-def save_diffusers_folder(cn: ControlNet, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(cn.config.to_diffusers()))
-    save_file({k: v.contiguous() for k, v in to_diffusers_state_dict(cn).items()},
-              folder / "diffusion_pytorch_model.safetensors")
 
 
 def sample(tmp: Path, *flags):

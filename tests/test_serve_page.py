@@ -1,10 +1,12 @@
 """flashsd3-serve's page in a real headless browser (Debian's chromium + chromium-driver, driven by Selenium):
-type a prompt, generate, see the image with its seed; upload an image, paint a mask, inpaint. Skipped, saying
+type a prompt, generate, see the image with its seed; upload an image, paint a mask, inpaint; a control image for
+the demo ControlNet at scale 0.5. Skipped, saying
 why, where the browser or Selenium is absent (.ci/run installs them). FLASHSD3_SERVE_SCREENSHOT=path.png saves
 a screenshot of the page at the end (docs/serve-page.png was made so)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import tempfile
@@ -34,7 +36,7 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
 
 @pytest.fixture(scope="module")
 def page():
-    server = ServerProcess("--max-pixels", 65536)
+    server = ServerProcess("--max-pixels", 65536, "--controlnet", "demo")
     profile = tempfile.mkdtemp(prefix="flashsd3-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -109,6 +111,26 @@ def test_upload_an_image_paint_a_mask_and_inpaint(page, tmp_path):
     meta = png_text(png)
     assert (meta["prompt"], meta["seed"], meta["mask"], meta["strength"]) == ("a red door", "7", "mask", "1.0")
     assert figure.get_attribute("data-seed") == "7" and "strength 1" in figure.text
+
+
+def test_a_control_image_with_a_controlnet_and_its_scale(page, tmp_path):
+    if page.find_element(By.ID, "editor").is_displayed():
+        page.find_element(By.ID, "remove-image").click()  # back to text to image
+    edges = np.zeros((48, 80), np.uint8)
+    edges[8:40, 30] = edges[8, 30:70] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    page.find_element(By.ID, "control-file").send_keys(str(tmp_path / "edges.png"))
+    WebDriverWait(page, 10).until(lambda d: d.find_element(By.ID, "control-editor").is_displayed())
+    assert page.find_element(By.ID, "width").get_attribute("value") == "80"  # the control image's size
+    assert page.find_element(By.ID, "control-scale-value").text == "1.00"  # the --controlnet scale
+    page.execute_script("const s = document.getElementById('control-scale'); s.value = 0.5; "
+                        "s.dispatchEvent(new Event('input'))")
+    typed(page, "prompt", "a fence")
+    typed(page, "seed", "9")
+    figure, png = generate_and_wait(page, 3)
+    meta = png_text(png)
+    assert json.loads(meta["controlnet"]) == [{"source": "demo", "scale": 0.5, "control_image": "upload"}]
+    assert (meta["width"], meta["height"]) == ("80", "48") and "ControlNet demo x0.5" in figure.text
     shot = os.environ.get("FLASHSD3_SERVE_SCREENSHOT")
     if shot:
         page.execute_script("window.scrollTo(0, 0)")

@@ -4,6 +4,8 @@ Checked before any model is loaded (`check_controls`): one image per ControlNet,
 ControlNet's config (config.json or safetensors header) of the model's width, patch and latent channels, the
 inpainting ControlNet only with --image and --mask. Without --height/--width (and without --image) the output
 takes the first control image's size; every control image must then have the output's size.
+flashsd3-serve shares `add_controlnet_flag`, `check_source`, `load`, `call_arguments` and `metadata` (its
+requests set each ControlNet's steps window and preprocessing too: recorded only when set).
 """
 from __future__ import annotations
 
@@ -25,13 +27,20 @@ class ControlRun:
     image: object  # PIL RGB
     image_path: str
     config: object | None  # ControlNetConfig; None for a hub id (known once downloaded)
+    start: float = 0.0  # control_guidance_start: fraction of the steps before which it is off
+    stop: float = 1.0  # control_guidance_end
+    preprocess: str | None = None  # how the control image was made from the one given, as preprocess.py's flags
+
+
+def add_controlnet_flag(group, scale_help: str = "conditioning scale (default 1)") -> None:
+    group.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
+                       help="diffusers folder or file (InstantX SD3 canny/pose/tile, alimama inpainting), Stability's "
+                            f"SD3.5 single file, or a hub id; 'demo' with --demo. SCALE: {scale_help}")
 
 
 def add_arguments(parser, path_type) -> None:
     g = parser.add_argument_group("ControlNet (repeatable: the k-th --control-image goes with the k-th --controlnet)")
-    g.add_argument("--controlnet", action="append", metavar="PATH[:SCALE]",
-                   help="diffusers folder or file (InstantX SD3 canny/pose/tile, alimama inpainting), Stability's "
-                        "SD3.5 single file, or a hub id; 'demo' with --demo. SCALE: conditioning scale (default 1)")
+    add_controlnet_flag(g)
     g.add_argument("--control-image", action="append", type=path_type, metavar="FILE",
                    help="its control image (edges, depth, pose, blur...) of the output's size; python -m "
                         "flashsd3.controlnet.preprocess makes canny / blur / tile ones")
@@ -50,7 +59,7 @@ def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[C
             image = load_image(image_path)
         except ImageError as e:
             raise PreflightError(f"--control-image: {e}") from None
-        cn_config = _config(source, args.demo, config)
+        cn_config = check_source(source, args.demo, config)
         if cn_config is not None and cn_config.extra_channels and (edit is None or edit.mask is None):
             raise PreflightError(f"--controlnet {source} is an inpainting ControlNet (mask channel): it needs "
                                  "--image and --mask (white = repaint)")
@@ -58,7 +67,8 @@ def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[C
     return runs
 
 
-def _config(source: str, demo: bool, model_config):
+def check_source(source: str, demo: bool, model_config):
+    """A --controlnet source's config, checked against the model's (None for a hub id not downloaded yet)."""
     from .. import hub
     from ..weights import CheckpointError
     from .config import DEMO_CONTROLNET
@@ -121,13 +131,21 @@ def load(pipe, runs: list[ControlRun], dtype, device) -> None:
 
 
 def call_arguments(runs: list[ControlRun]) -> dict:
-    """The pipeline call's ControlNet arguments (none without --controlnet)."""
+    """The pipeline call's ControlNet arguments (none without --controlnet). A run's image may be a list, one
+    per output image."""
     if not runs:
         return {}
-    one = len(runs) == 1
-    return {"control_image": runs[0].image if one else [r.image for r in runs],
-            "controlnet_conditioning_scale": runs[0].scale if one else [r.scale for r in runs]}
+
+    def each(attr: str):
+        return getattr(runs[0], attr) if len(runs) == 1 else [getattr(r, attr) for r in runs]
+    return {"control_image": each("image"), "controlnet_conditioning_scale": each("scale"),
+            "control_guidance_start": each("start"), "control_guidance_end": each("stop")}
 
 
 def metadata(runs: list[ControlRun]) -> dict:
-    return {"controlnet": [{"source": r.source, "scale": r.scale, "control_image": r.image_path} for r in runs]}
+    """Each ControlNet with its scale and control image; its steps window and preprocessing when set."""
+    def entry(r: ControlRun) -> dict:
+        extra = {"start": r.start, "stop": r.stop} if (r.start, r.stop) != (0.0, 1.0) else {}
+        return {"source": r.source, "scale": r.scale, "control_image": r.image_path, **extra,
+                **({"preprocess": r.preprocess} if r.preprocess else {})}
+    return {"controlnet": [entry(r) for r in runs]}

@@ -98,13 +98,13 @@ def blur(image, radius: float = 8):
     return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius))
 
 
-def tile(image, factor: int = 4):
+def tile(image, factor: float = 4):
     """The image at 1/factor of its size, brought back to its size (box down, bicubic up): the low-resolution
-    input of tile / upscaling ControlNets."""
+    input of tile / upscaling ControlNets. factor >= 1, not necessarily whole (A1111's tile_resample rate)."""
     from PIL import Image
 
     im = image.convert("RGB")
-    small = im.resize((max(1, im.width // factor), max(1, im.height // factor)), resample=Image.BOX)
+    small = im.resize((max(1, int(im.width / factor)), max(1, int(im.height / factor))), resample=Image.BOX)
     return small.resize(im.size, resample=Image.BICUBIC)
 
 

@@ -1,5 +1,6 @@
 """AUTOMATIC1111's API, the subset scripts and plugins use: txt2img, img2img, progress, sd-models,
-samplers, options, loras (field names and response shapes of A1111's modules/api/models.py and api.py).
+samplers, options, loras (field names and response shapes of A1111's modules/api/models.py and api.py), and
+the ControlNet extension's units in alwayson_scripts (a1111_controlnet.py).
 
 A field of A1111's that has no meaning here (hires fix, face restore, scripts, ...) is ignored and named
 in the response's `info` "notes", as is a field A1111 does not have. An omitted size, steps or CFG scale
@@ -15,6 +16,8 @@ import time
 
 from fastapi import FastAPI, Request
 
+from . import a1111_controlnet
+from .controls import make_units
 from .errors import ApiError
 from .fields import Field, parse_fields
 from .spec import build_spec
@@ -31,6 +34,7 @@ USED = {
     # flashsd3's own settings (not A1111 fields)
     "recipe": Field("str"), "shift": Field("float"), "slg_layers": Field("layers"), "slg_scale": Field("float"),
     "slg_start": Field("float"), "slg_stop": Field("float"), "loras": Field("loras"),
+    "alwayson_scripts": Field("any"),  # the ControlNet extension's units; other scripts are noted as ignored
 }
 USED_IMG2IMG = {**USED, "init_images": Field("any"), "mask": Field("any"), "denoising_strength": Field("float"),
                 "inpainting_mask_invert": Field("int", 0, 1)}
@@ -45,7 +49,7 @@ IGNORED = {
     "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
     "hr_additional_modules": None, "script_name": None, "script_args": [], "send_images": True,
-    "save_images": False, "alwayson_scripts": {}, "infotext": None, "distilled_cfg_scale": None,
+    "save_images": False, "infotext": None, "distilled_cfg_scale": None,
     "resize_mode": 0, "image_cfg_scale": None, "mask_blur": 4, "mask_blur_x": 4, "mask_blur_y": 4,
     "mask_round": True, "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0,
     "initial_noise_multiplier": None, "latent_mask": None, "include_init_images": False,
@@ -64,8 +68,12 @@ def add_routes(app: FastAPI, server) -> None:
         except ApiError as e:
             raise ApiError(STATUS, e.message, code=e.code) from None
         values, notes = a1111_values(body, table)
+        scripts = values.pop("alwayson_scripts", None)
         if table is USED_IMG2IMG:
             edit_values(values, notes, server.limits)
+        units = a1111_controlnet.requests(scripts, notes) if scripts else []
+        edit = (values["image"], values["image_label"]) if "image" in values else None
+        values["controls"] = await make_units(units, server.engine, server.limits, STATUS, edit)
         spec = build_spec(values, server.engine, server.limits, status=STATUS, renames=RENAMES, notes=notes)
         task = await generate(request, server, spec, values.get("force_task_id"))
         return response(body, spec, task, server.engine)
@@ -162,9 +170,11 @@ def response(body: dict, spec, task, engine) -> dict:
     rec = spec.recipe
     seeds = [spec.seed + k for k in range(spec.n)]
     size = f"{spec.width}x{spec.height}"
+    controls = a1111_controlnet.generation_params(spec.controls)
     infotext = (f"{spec.prompt}\nNegative prompt: {spec.negative or ''}\nSteps: {rec.steps}, Sampler: "
                 f"{names[rec.sampler]}, CFG scale: {rec.guidance:g}, Seed: {{seed}}, Size: {size}, "
-                f"Model: {engine.model_label}, Recipe: {rec.name}, Shift: {rec.shift:g}")
+                f"Model: {engine.model_label}, Recipe: {rec.name}, Shift: {rec.shift:g}"
+                + "".join(f', {k}: "{v}"' for k, v in controls.items()))
     info = {"prompt": spec.prompt, "all_prompts": [spec.prompt] * spec.n, "negative_prompt": spec.negative or "",
             "all_negative_prompts": [spec.negative or ""] * spec.n, "seed": spec.seed, "all_seeds": seeds,
             "subseed": -1, "all_subseeds": [-1] * spec.n, "subseed_strength": 0, "width": spec.width,
@@ -172,10 +182,12 @@ def response(body: dict, spec, task, engine) -> dict:
             "batch_size": spec.n, "restore_faces": False, "sd_model_name": engine.model_label, "sd_model_hash": None,
             "denoising_strength": spec.edit.strength if spec.edit else None, "styles": [],
             "extra_generation_params": {"recipe": rec.name, "shift": rec.shift,
-                                        "loras": {n: s for n, s in spec.loras}},
+                                        "loras": {n: s for n, s in spec.loras}, **controls},
             "index_of_first_image": 0, "infotexts": [infotext.format(seed=s) for s in seeds],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "version": "flashsd3",
             "task_id": task.id, "model_batch": task.model_batch, "notes": spec.notes}
     parameters = {**body, "init_images": None, "mask": None} if "init_images" in body else dict(body)
-    return {"images": [base64.b64encode(png).decode() for png in task.result], "parameters": parameters,
-            "info": json.dumps(info)}
+    if "alwayson_scripts" in body:
+        parameters["alwayson_scripts"] = a1111_controlnet.scrubbed(body["alwayson_scripts"])
+    images = [base64.b64encode(png).decode() for png in task.result] + a1111_controlnet.detected_maps(spec.controls)
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}

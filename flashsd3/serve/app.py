@@ -38,7 +38,7 @@ class Server:
 
 
 def create_app(server: Server) -> FastAPI:
-    from . import a1111, openai_api
+    from . import a1111, a1111_controlnet, openai_api
 
     app = FastAPI(title="flashsd3-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -46,6 +46,7 @@ def create_app(server: Server) -> FastAPI:
     _common_routes(app, server)
     openai_api.add_routes(app, server)
     a1111.add_routes(app, server)
+    a1111_controlnet.add_routes(app, server)
     outer = BodyLimit(app, server.limits.max_body)
     return ApiKey(outer, server.api_key) if server.api_key else outer
 
@@ -153,6 +154,7 @@ def page_config(server: Server) -> dict:
     """What the page offers: recipes, samplers, adapters, limits, the model's defaults."""
     from ..recipes import RECIPES
     from ..sampling.table import SAMPLERS
+    from .controls import MODULES
     from .spec import build_spec
 
     engine, limits = server.engine, server.limits
@@ -162,9 +164,13 @@ def page_config(server: Server) -> dict:
             "recipes": {name: {"sampler": r.sampler, "steps": r.steps, "guidance": r.guidance, "shift": r.shift}
                         for name, r in RECIPES.items()},
             "loras": [{"name": n, "scale": s} for n, _, s in engine.loras],
+            "controlnets": [{"name": c.name, "scale": c.scale, "control_type": c.net.config.control_type,
+                             "inpainting": bool(c.net.config.extra_channels)} for c in engine.controlnets],
+            "modules": list(MODULES),
             "limits": {"max_pixels": limits.max_pixels, "max_images": limits.max_images,
                        "max_steps": limits.max_steps, "max_prompt_chars": limits.max_prompt,
-                       "max_upload_pixels": limits.max_upload_pixels, "max_body_bytes": limits.max_body},
+                       "max_upload_pixels": limits.max_upload_pixels, "max_body_bytes": limits.max_body,
+                       "max_controlnets": limits.max_controlnets},
             "auth": server.api_key is not None}
 
 

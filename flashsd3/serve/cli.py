@@ -21,6 +21,7 @@ import sys
 import threading
 
 from .. import cli
+from ..controlnet import flags as control_flags
 from .limits import add_limit_arguments, limits_from
 
 PROG = "flashsd3-serve"
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "API (/v1/images/...) and AUTOMATIC1111's (/sdapi/v1/...).",
                     epilog="Exit codes: 0 stopped, 2 bad flags / weights unavailable / port taken, 130 second Ctrl-C.")
     cli.add_model_arguments(p)
+    control_flags.add_controlnet_flag(p.add_argument_group("ControlNet (repeatable)"),
+                                      "its default conditioning scale (default 1). Loaded at start and named; "
+                                      "requests choose among them by name and send their control images")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only); "
                    "any other needs --api-key or --no-auth")
@@ -129,8 +133,9 @@ def serve(args) -> int:
     server = graceful_server(config, worker)
     auth = "API key required" if key else "no API key" + ("" if is_loopback(args.host) else " (--no-auth)")
     names = ", ".join(f"{n}:{s:g}" for n, _, s in engine.loras) or "none"
-    print(f"{PROG}: {engine.model_label} ({dtype} on {device}; LoRAs: {names}) on {url_of(sock)} ({auth}; "
-          f"Ctrl-C to stop)", flush=True)
+    nets = ", ".join(f"{c.name}:{c.scale:g}" for c in engine.controlnets)
+    print(f"{PROG}: {engine.model_label} ({dtype} on {device}; LoRAs: {names}" + (f"; ControlNets: {nets}" if nets
+          else "") + f") on {url_of(sock)} ({auth}; Ctrl-C to stop)", flush=True)
     server.run(sockets=[sock])
     if server.exit_code == 130:
         print(f"{PROG}: stopped at once (second Ctrl-C)", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
 """Errors answered as JSON: OpenAI's shape on /v1 and the page's routes, AUTOMATIC1111's on /sdapi.
 
 OpenAI: {"error": {"message", "type", "param", "code"}} (platform.openai.com/docs/guides/error-codes).
-A1111: {"error", "detail", "body", "errors"} as its `api_middleware` writes them (modules/api/api.py).
+A1111: {"error", "detail", "body", "errors"} as its `api_middleware` writes them (modules/api/api.py), also on
+its ControlNet extension's /controlnet routes.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class ApiError(Exception):
 
 
 def is_a1111(path: str) -> bool:
-    return path.startswith("/sdapi/")
+    return path.startswith(("/sdapi/", "/controlnet/"))
 
 
 def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -14,13 +14,16 @@ from .errors import ApiError
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # int, float, str, bool, layers (block indices), loras (name -> scale), any (not checked)
+    kind: str  # int, float, str, bool, layers (block indices), loras (name -> scale), objects (a list of JSON
+    # objects; in a form, JSON text), any (not checked)
     low: float | None = None  # inclusive bounds of numbers
     high: float | None = None
 
 
-def parse_fields(values: dict, table: dict[str, Field], *, form: bool = False, status: int = 400) -> dict:
-    """The fields of `values` that are in `table`, converted and checked; None values are left out."""
+def parse_fields(values: dict, table: dict[str, Field], *, form: bool = False, status: int = 400,
+                 prefix: str = "") -> dict:
+    """The fields of `values` that are in `table`, converted and checked; None values are left out. prefix: where
+    `values` sits in the request (e.g. "controlnets[0]."), for messages."""
     out = {}
     for name, value in values.items():
         field = table.get(name)
@@ -29,7 +32,7 @@ def parse_fields(values: dict, table: dict[str, Field], *, form: bool = False, s
         try:
             out[name] = _convert(value, field, form)
         except (TypeError, ValueError) as e:
-            raise ApiError(status, f"{name}: {e}", param=name, code="invalid_value") from None
+            raise ApiError(status, f"{prefix}{name}: {e}", param=prefix + name, code="invalid_value") from None
     return out
 
 
@@ -53,6 +56,13 @@ def _convert(value, field: Field, form: bool):
         return _layers(value)
     if kind == "loras":
         return _loras(value)
+    if kind == "objects":
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list of objects, got {_show(value)}")
+        other = next((v for v in value if not isinstance(v, dict)), None)
+        if other is not None:
+            raise TypeError(f"expected a list of objects, got a list holding {_show(other)}")
+        return value
     raise AssertionError(kind)
 
 
@@ -71,6 +81,11 @@ def _from_text(text: str, kind: str):
             return int(text) if kind == "int" else float(text)
         except ValueError:
             raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, got {text[:40]!r}") from None
+    if kind == "objects":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("expected JSON text: a list of objects") from None
     if kind == "loras" and text[:1] in "[{":
         try:
             return json.loads(text)

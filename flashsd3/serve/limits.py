@@ -15,6 +15,7 @@ class Limits:
     max_prompt: int = 2000  # characters of a prompt or negative prompt (CLIP reads 77 tokens of it)
     max_queue: int = 16  # requests waiting (429 with Retry-After beyond)
     max_batch: int = 4  # images per model call when requests are batched together
+    max_controlnets: int = 4  # ControlNets in one request (each runs at every step it acts on)
     timeout: float = 300.0  # seconds from acceptance to the answer (408 beyond; a queued request is dropped)
 
 
@@ -38,6 +39,8 @@ def add_limit_arguments(p: argparse.ArgumentParser, positive) -> None:
                         "(default %(default)s)")
     g.add_argument("--max-prompt-chars", type=positive, default=d.max_prompt, metavar="N",
                    help="characters of a prompt (default %(default)s)")
+    g.add_argument("--max-controlnets", type=positive, default=d.max_controlnets, metavar="N",
+                   help="ControlNets one request may use (default %(default)s)")
     g.add_argument("--timeout", type=positive, default=int(d.timeout), metavar="S",
                    help="seconds a request may take from acceptance, 408 beyond (default %(default)s)")
 
@@ -46,4 +49,4 @@ def limits_from(args) -> Limits:
     return Limits(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
                   max_body=args.max_body_mb * 2**20, max_upload_pixels=args.max_upload_pixels,
                   max_prompt=args.max_prompt_chars, max_queue=args.max_queue, max_batch=args.max_batch,
-                  timeout=float(args.timeout))
+                  max_controlnets=args.max_controlnets, timeout=float(args.timeout))

@@ -3,8 +3,13 @@
 Shapes as platform.openai.com/docs/api-reference/images: {"created", "data": [{"b64_json"}]}, errors
 {"error": {...}}; unknown fields are refused as OpenAI refuses them ("Unrecognized request argument
 supplied"). flashsd3's settings ride along as extra fields (the `openai` client's extra_body): seed,
-negative_prompt, recipe, steps, guidance, sampler, shift, slg_*, loras, and strength for edits. `model`,
-`quality`, `style`, `user` and the like are accepted and have no effect: the model is fixed at start.
+negative_prompt, recipe, steps, guidance, sampler, shift, slg_*, loras, controlnets, and strength for edits.
+`model`, `quality`, `style`, `user` and the like are accepted and have no effect: the model is fixed at start.
+
+controlnets: [{"name", "image" (base64 PNG/JPEG/WebP/BMP), "scale", "start", "end", "preprocess"}], name one
+of those loaded at start; scale defaults to its --controlnet scale, start/end (fractions of the steps) to 0/1,
+preprocess (none, canny, blur, tile, blur_gaussian, tile_resample) to none; an edit's unit without image uses
+the image to edit. In the multipart form of /edits it is one field of JSON text.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 
 from fastapi import FastAPI, Request
 
+from .controls import UnitRequest, make_units
 from .errors import ApiError
 from .fields import Field, parse_fields
 from .spec import build_spec
@@ -29,7 +35,12 @@ COMMON = {
     "seed": Field("int", 0), "negative_prompt": Field("str"), "recipe": Field("str"), "steps": Field("int", 1),
     "guidance": Field("float"), "sampler": Field("str"), "shift": Field("float"), "slg_layers": Field("layers"),
     "slg_scale": Field("float"), "slg_start": Field("float"), "slg_stop": Field("float"), "loras": Field("loras"),
+    "controlnets": Field("objects"),
 }
+UNIT = {"name": Field("any"), "image": Field("any"), "scale": Field("float"), "start": Field("float", 0, 1),
+        "end": Field("float", 0, 1), "preprocess": Field("str")}
+UNIT_NAMES = {"name": "name", "image": "image", "scale": "scale", "start": "start", "stop": "end",
+              "module": "preprocess"}
 EDIT = {**COMMON, "strength": Field("float"), "input_fidelity": Field("str"), "image": Field("any"),
         "image[]": Field("any"), "mask": Field("any")}
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -43,6 +54,7 @@ def add_routes(app: FastAPI, server) -> None:
     async def generations(request: Request):
         body = await json_body(request)
         values = check_fields(body, COMMON, form=False)
+        values["controls"] = await make_units(units(values.pop("controlnets", [])), server.engine, server.limits, 400)
         spec = build_spec(values, server.engine, server.limits, status=400)
         task = await generate(request, server, spec, request.headers.get("x-task-id"))
         return answer(task)
@@ -58,6 +70,8 @@ def add_routes(app: FastAPI, server) -> None:
             await _read_images(form, values, server.limits)
         finally:
             await form.close()
+        values["controls"] = await make_units(units(values.pop("controlnets", [])), server.engine, server.limits,
+                                              400, (values["image"], values["image_label"]))
         spec = build_spec(values, server.engine, server.limits, status=400)
         task = await generate(request, server, spec, request.headers.get("x-task-id"))
         return answer(task)
@@ -76,6 +90,10 @@ async def json_body(request: Request) -> dict:
 
 def check_fields(body: dict, table: dict, *, form: bool) -> dict:
     unknown = [name for name in body if name not in table]
+    if any(name.startswith("controlnets[") for name in unknown):
+        raise ApiError(400, "controlnets in a form is one field of JSON text: "
+                       "extra_body={'controlnets': json.dumps([{'name': ..., 'image': ...}])}", param="controlnets",
+                       code="invalid_value")
     if unknown:
         raise ApiError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                        code="unknown_parameter")
@@ -97,6 +115,24 @@ def check_fields(body: dict, table: dict, *, form: bool) -> dict:
                            param="size", code="invalid_value")
         values["width"], values["height"] = int(m.group(1)), int(m.group(2))
     return values
+
+
+def units(raw: list[dict]) -> list[UnitRequest]:
+    """The controlnets field's units, their fields checked (the images and names are checked by make_units)."""
+    out = []
+    for k, unit in enumerate(raw):
+        where = f"controlnets[{k}]"
+        unknown = [name for name in unit if name not in UNIT]
+        if unknown:
+            raise ApiError(400, f"Unrecognized request argument supplied: {where}.{unknown[0]}",
+                           param=f"{where}.{unknown[0]}", code="unknown_parameter")
+        v = parse_fields(unit, UNIT, prefix=where + ".")
+        if "name" not in v:
+            raise ApiError(400, f"{where}.name is required: one of the ControlNets loaded at start",
+                           param=f"{where}.name", code="missing_controlnet")
+        out.append(UnitRequest(where, UNIT_NAMES, v["name"], v.get("image"), v.get("scale"), v.get("start"),
+                           v.get("end"), v.get("preprocess")))
+    return out
 
 
 async def _read_images(form, values: dict, limits) -> None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from ..rules import InputError, check_seed, check_size, edit_size
 from ..settings import Edit, check_schedule, flag_names, run_recipe
+from .controls import check_masks, fit, output_size
 from .errors import ApiError
 from .limits import Limits
 
@@ -36,6 +37,7 @@ class Spec:
     recipe: object  # flashsd3.recipes.Recipe
     edit: Edit | None
     loras: tuple[tuple[str, float], ...]  # (name, scale) of the adapters chosen, in load order
+    controls: tuple = ()  # serve.controls.Unit: the ControlNets chosen, in the request's order
     notes: list[str] = field(default_factory=list)  # what was ignored, for the response's info
     meta: dict = field(default_factory=dict)  # run metadata (flashsd3.cli.run_metadata), set by the engine
 
@@ -43,7 +45,8 @@ class Spec:
     def key(self) -> tuple:
         """Requests with equal keys run in one model call."""
         kind = None if self.edit is None else "img2img" if self.edit.mask is None else "inpaint"
-        return (self.height, self.width, self.recipe, self.loras, kind, self.edit.strength if self.edit else None)
+        return (self.height, self.width, self.recipe, self.loras, kind, self.edit.strength if self.edit else None,
+                tuple(u.key for u in self.controls))
 
     @property
     def steps(self) -> int:
@@ -64,8 +67,9 @@ def api_message(message: str, renames: dict[str, str]) -> str:
 
 def build_spec(values: dict, engine, limits: Limits, *, status: int, renames: dict[str, str] | None = None,
                notes: list[str] | None = None) -> Spec:
-    """values: prompt, negative_prompt, n, seed, width, height, the recipe fields, loras, strength, and for an
-    edit image / image_label / mask / mask_label (PIL images, already checked)."""
+    """values: prompt, negative_prompt, n, seed, width, height, the recipe fields, loras, strength, for an
+    edit image / image_label / mask / mask_label (PIL images, already checked), and controls (serve.controls
+    Units, checked but for the size)."""
     renames = renames or {}
 
     def fail(message: str, param: str | None, code: str = "invalid_value"):
@@ -92,7 +96,14 @@ def build_spec(values: dict, engine, limits: Limits, *, status: int, renames: di
     chosen = engine.choose_loras(values.get("loras"), lambda m: fail(m, "loras", "unknown_lora"))
     recipe = _recipe(values, engine, bool(chosen), limits, fail)
     edit = _edit(values)
+    controls = values.get("controls") or []
+    explicit = values.get("height") is not None or values.get("width") is not None
+    if edit is None and controls:  # the first control image's size unless one is given (flashsd3-sample's rule)
+        h, w = output_size(controls, values.get("height"), values.get("width"), engine.image_factor, status)
+        values = {**values, "height": h, "width": w}
     height, width = _size(values, edit, engine, limits, fail)
+    controls = fit(controls, height, width, explicit, status)
+    check_masks(controls, edit, status)
     try:
         check_schedule(recipe, edit)  # a step left to run, and one for skip-layer guidance to act on
     except InputError as e:
@@ -101,7 +112,8 @@ def build_spec(values: dict, engine, limits: Limits, *, status: int, renames: di
     notes = list(notes or [])
     if negative and not recipe.cfg:
         notes.append(f"negative_prompt ignored: guidance {recipe.guidance:g} <= 1 (recipe {recipe.name})")
-    spec = Spec(prompt, negative if recipe.cfg else None, n, seed, height, width, recipe, edit, chosen, notes)
+    spec = Spec(prompt, negative if recipe.cfg else None, n, seed, height, width, recipe, edit, chosen,
+                tuple(controls), notes)
     spec.meta = engine.metadata(spec)
     return spec
 

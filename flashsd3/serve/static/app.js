@@ -1,9 +1,11 @@
-// flashsd3-serve's page: plain JS over the server's A1111 routes (/sdapi/v1/txt2img, img2img) and
-// GET /api/progress/<task id> for the per-step progress bar and queue position.
+// flashsd3-serve's page: plain JS over the server's A1111 routes (/sdapi/v1/txt2img, img2img, with a ControlNet
+// extension unit for a control image) and GET /api/progress/<task id> for the per-step progress bar and queue
+// position.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let config = null;
 let source = null;        // the uploaded image: {dataUrl, width, height}
+let control = null;       // the uploaded control image: {dataUrl, width, height}
 let maskPainted = false;
 let strengthTouched = false;
 
@@ -48,7 +50,24 @@ async function loadConfig() {
       <label>scale <input type="number" step="0.05" value="${lora.scale}" data-lora-scale="${lora.name}"></label>`;
     $("loras").append(row);
   }
+  if (config.controlnets.length) {
+    $("controlnet-box").hidden = false;
+    for (const net of config.controlnets) $("controlnet").add(new Option(net.name + (net.inpainting ? " (inpainting)" : ""), net.name));
+    for (const name of config.modules) $("control-module").add(new Option(name, name));
+    setControlScale();
+  }
   showRecipe();
+}
+
+function setControlScale() {  // the chosen ControlNet's --controlnet scale
+  const net = config.controlnets.find((n) => n.name === $("controlnet").value);
+  $("control-scale").value = net.scale;
+  $("control-scale-value").textContent = Number(net.scale).toFixed(2);
+}
+
+function controlUnit() {  // the A1111 ControlNet extension's unit
+  return {enabled: true, model: $("controlnet").value, image: control.dataUrl, weight: Number($("control-scale").value),
+          module: $("control-module").value, save_detected_map: false};
 }
 
 function showRecipe() {
@@ -77,6 +96,7 @@ function request(taskId) {
       if (box.checked) body.loras[box.dataset.lora] = Number(document.querySelector(`[data-lora-scale="${box.dataset.lora}"]`).value);
     }
   }
+  if (control) body.alwayson_scripts = {controlnet: {args: [controlUnit()]}};
   if (!source) {
     body.width = number("width");
     body.height = number("height");
@@ -84,9 +104,9 @@ function request(taskId) {
   }
   body.init_images = [source.dataUrl];
   body.denoising_strength = Number($("strength").value);
-  const step = config.size_step;
-  const w = Math.max(step, Math.round(source.width / step) * step), h = Math.max(step, Math.round(source.height / step) * step);
-  if (w !== source.width || h !== source.height) { body.width = w; body.height = h; }  // the server would refuse it
+  const [w, h] = stepped(source);
+  // a size the server would refuse, or a control image to fit to the output: send the size
+  if (w !== source.width || h !== source.height || control) { body.width = w; body.height = h; }
   if (maskPainted) body.mask = maskData();
   return ["/sdapi/v1/img2img", body];
 }
@@ -129,6 +149,18 @@ async function poll(taskId) {
   } catch (e) { /* not queued yet, or finished */ }
 }
 
+function stepped(image) {  // the image's size rounded to the model's size step
+  const step = config.size_step;
+  return [Math.max(step, Math.round(image.width / step) * step), Math.max(step, Math.round(image.height / step) * step)];
+}
+
+function controlText(info) {  // the ControlNet extension's "ControlNet k" entries: "Module: m, Model: n, Weight: w, ..."
+  return Object.entries(info.extra_generation_params).filter(([k]) => k.startsWith("ControlNet ")).map(([, v]) => {
+    const f = Object.fromEntries(v.split(", ").map((part) => part.split(": ")));
+    return `, ControlNet ${f.Model} x${f.Weight}` + (f.Module !== "none" ? ` (${f.Module})` : "");
+  }).join("");
+}
+
 function addResult(b64, info, i) {
   const seed = info.all_seeds[i];
   const figure = document.createElement("figure");
@@ -136,7 +168,8 @@ function addResult(b64, info, i) {
   figure.dataset.seed = seed;
   const url = "data:image/png;base64," + b64;  // the server's PNG bytes, metadata included
   const settings = `${info.width}x${info.height}, ${info.extra_generation_params.recipe}, ${info.sampler_name}, ` +
-    `${info.steps} steps, guidance ${info.cfg_scale}` + (info.denoising_strength ? `, strength ${info.denoising_strength}` : "");
+    `${info.steps} steps, guidance ${info.cfg_scale}` + (info.denoising_strength ? `, strength ${info.denoising_strength}` : "") +
+    controlText(info);
   figure.innerHTML = `<img alt="result"><figcaption><b>seed <span class="seed"></span></b><br><span class="prompt"></span><br>
     <span class="muted"></span><div class="actions"><button type="button" class="reuse">use this seed</button>
     <a class="download">download PNG</a></div></figcaption>`;
@@ -169,6 +202,21 @@ function loadImage(file) {
       $("image-canvas").getContext("2d").drawImage(img, 0, 0);
       clearMask();
       $("editor").hidden = false;
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function loadControl(file) {  // txt2img takes its size (rounded to the size step)
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      control = {dataUrl: reader.result, width: img.naturalWidth, height: img.naturalHeight};
+      $("control-preview").src = reader.result;
+      $("control-editor").hidden = false;
+      if (!source) [$("width").value, $("height").value] = stepped(control);
     };
     img.src = reader.result;
   };
@@ -239,6 +287,10 @@ $("randomize").addEventListener("click", () => { $("seed").value = Math.floor(Ma
 $("image-file").addEventListener("change", (e) => { if (e.target.files.length) loadImage(e.target.files[0]); });
 $("clear-mask").addEventListener("click", clearMask);
 $("remove-image").addEventListener("click", () => { source = null; $("image-file").value = ""; $("editor").hidden = true; });
+$("control-file").addEventListener("change", (e) => { if (e.target.files.length) loadControl(e.target.files[0]); });
+$("remove-control").addEventListener("click", () => { control = null; $("control-file").value = ""; $("control-editor").hidden = true; });
+$("controlnet").addEventListener("change", setControlScale);
+$("control-scale").addEventListener("input", () => { $("control-scale-value").textContent = Number($("control-scale").value).toFixed(2); });
 $("strength").addEventListener("input", () => { strengthTouched = true; $("strength-value").textContent = Number($("strength").value).toFixed(2); });
 $("api-key").addEventListener("change", () => { if (!config) loadConfig(); });
 setupBrush();
