@@ -241,6 +241,7 @@ def check_inputs(args) -> Inputs:
     recipe = run_recipe(args, config, bool(loras)) if config is not None else None
     if recipe is not None:
         check_schedule(recipe, edit)
+        control_flags.check_windows(controls, recipe.steps, None if edit is None else edit.strength)
     return Inputs(loras, prompts, edit, recipe, controls)
 
 

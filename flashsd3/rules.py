@@ -144,6 +144,12 @@ def slg_guides(step: int, num_steps: int, start: float, stop: float) -> bool:
     return num_steps * start < step < num_steps * stop
 
 
+def control_active(step: int, num_steps: int, start: float, stop: float) -> bool:
+    """A ControlNet acts on step i of n unless i / n < start or (i + 1) / n > stop (diffusers'
+    StableDiffusion3ControlNetPipeline, controlnet_keep)."""
+    return not (step / num_steps < start or (step + 1) / num_steps > stop)
+
+
 def check_slg_window(start: float, stop: float, num_steps: int, strength: float | None = None, *,
                      names: tuple[str, ...] = ("skip_layer_guidance_start", "skip_layer_guidance_stop", "num_steps",
                                                "strength"), off: str = "skip_guidance_layers=[]") -> None:

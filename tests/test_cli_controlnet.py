@@ -85,6 +85,16 @@ BAD = {  # flags -> a fragment of the one error line
     "bad scale": (["--controlnet", "demo:strong", "--control-image", "{tmp}/edges.png"],
                   "--controlnet demo:strong: the scale 'strong' is not a number"),
     "missing": (["--controlnet", "{tmp}/nowhere", "--control-image", "{tmp}/edges.png"], "no such file or folder"),
+    "window counts": (["--controlnet", "demo", "--control-image", "{tmp}/edges.png", "--controlnet", "demo",
+                       "--control-image", "{tmp}/img.png", "--control-end", "0.5", "--control-end", "1", "--control-end",
+                       "1"], "--control-end given 3 times for 2 --controlnet"),
+    "window outside": (["--controlnet", "demo", "--control-image", "{tmp}/edges.png", "--control-start", "1.5"],
+                       "--control-start must be in [0, 1], got 1.5"),
+    "window reversed": (["--controlnet", "demo", "--control-image", "{tmp}/edges.png", "--control-start", "0.6",
+                         "--control-end", "0.4"], "--control-start 0.6 must be below --control-end 0.4"),
+    "window without a step": (["--controlnet", "demo", "--control-image", "{tmp}/edges.png", "--control-start", "0.3",
+                               "--control-end", "0.45"], "leaves it on for no step of 4"),
+    "window without controlnet": (["--control-end", "0.5"], "--control-end given 1 times for 0 --controlnet"),
 }
 
 
@@ -96,6 +106,23 @@ def test_bad_controlnet_input_exit_2_before_loading(case, files, capsys):
     err = capsys.readouterr().err
     assert err.startswith(ERR) and len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not (files / "out").exists()
+
+
+def test_control_window_reaches_the_pipeline(files):
+    """--control-start/--control-end are the pipeline's control_guidance_start/end, recorded in the metadata;
+    once given, they apply to every ControlNet."""
+    from flashsd3.demo import demo_controlnet
+    from flashsd3.pipeline import FlashSD3Pipeline
+
+    pixels, meta = sample(files, "--controlnet", "demo", "--control-image", files / "edges.png", "--control-end", "0.5")
+    assert meta["controlnet"][0]["start"] == 0.0 and meta["controlnet"][0]["stop"] == 0.5
+    pipe = FlashSD3Pipeline.demo(seed=0)
+    pipe.controlnets = [demo_controlnet(pipe.transformer)]
+    edges = Image.open(files / "edges.png").convert("RGB")
+    out = pipe([PROMPT], seed=[3], height=64, width=80, control_image=edges, control_guidance_end=0.5)
+    assert np.array_equal(pixels, np.asarray(out.images[0]))
+    whole = pipe([PROMPT], seed=[3], height=64, width=80, control_image=edges)
+    assert not np.array_equal(pixels, np.asarray(whole.images[0]))  # the window turned it off for steps 2, 3
 
 
 def test_controlnet_demo_needs_demo(files, capsys):

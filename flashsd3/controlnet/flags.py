@@ -1,4 +1,5 @@
-"""flashsd3-sample's ControlNet flags: `--controlnet PATH[:SCALE] --control-image FILE`, repeatable, in pairs.
+"""flashsd3-sample's ControlNet flags: `--controlnet PATH[:SCALE] --control-image FILE`, repeatable, in pairs;
+`--control-start F` / `--control-end F` (diffusers' control_guidance_start/end), once for all or once each.
 
 Checked before any model is loaded (`check_controls`): one image per ControlNet, each image readable, each
 ControlNet's config (config.json or safetensors header) of the model's width, patch and latent channels, the
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..preflight import PreflightError
-from ..rules import VAE_DOWNSCALE, InputError, check_size
+from ..rules import VAE_DOWNSCALE, InputError, check_number, check_size, control_active, edit_start
 
 DEMO = "demo"  # --controlnet demo: the demo model's toy ControlNet (flashsd3.demo.demo_controlnet)
 
@@ -44,6 +45,32 @@ def add_arguments(parser, path_type) -> None:
     g.add_argument("--control-image", action="append", type=path_type, metavar="FILE",
                    help="its control image (edges, depth, pose, blur...) of the output's size; python -m "
                         "flashsd3.controlnet.preprocess makes canny / blur / tile ones")
+    for flag, default, ref in (("--control-start", 0, "control_guidance_start"), ("--control-end", 1,
+                                                                                   "control_guidance_end")):
+        g.add_argument(flag, action="append", type=float, metavar="F",
+                       help=f"fraction of the steps {'before' if default == 0 else 'after'} which the ControlNet is "
+                            f"off (diffusers' {ref}; default {default}): once for all, or once per --controlnet")
+
+
+def _windows(args, count: int) -> list[tuple[float, float]]:
+    """(start, stop) per ControlNet from --control-start / --control-end (absent, once, or once each)."""
+    def per_net(flag: str, values, default: float) -> list[float]:
+        if values is None:
+            return [default] * count
+        if not count or len(values) not in (1, count):
+            raise PreflightError(f"{flag} given {len(values)} times for {count} --controlnet: give it once (for "
+                                 "all) or once per --controlnet")
+        try:
+            values = [check_number(v, flag, low=0, high=1) for v in values]
+        except InputError as e:
+            raise PreflightError(str(e)) from None
+        return values * count if len(values) == 1 else values
+    starts = per_net("--control-start", getattr(args, "control_start", None), 0.0)
+    stops = per_net("--control-end", getattr(args, "control_end", None), 1.0)
+    for start, stop in zip(starts, stops, strict=True):
+        if start >= stop:
+            raise PreflightError(f"--control-start {start:g} must be below --control-end {stop:g}")
+    return list(zip(starts, stops, strict=True))
 
 
 def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[ControlRun]:
@@ -54,7 +81,8 @@ def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[C
     if len(images) != len(pairs):
         raise PreflightError(f"{len(pairs)} --controlnet and {len(images)} --control-image: give them in pairs")
     runs = []
-    for (source, scale), image_path in zip(pairs, images, strict=True):
+    windows = _windows(args, len(pairs))
+    for (source, scale), image_path, (start, stop) in zip(pairs, images, windows, strict=True):
         try:
             image = load_image(image_path)
         except ImageError as e:
@@ -63,8 +91,19 @@ def check_controls(args, pairs: list[tuple[str, float]], config, edit) -> list[C
         if cn_config is not None and cn_config.extra_channels and (edit is None or edit.mask is None):
             raise PreflightError(f"--controlnet {source} is an inpainting ControlNet (mask channel): it needs "
                                  "--image and --mask (white = repaint)")
-        runs.append(ControlRun(source, scale, image, str(image_path), cn_config))
+        runs.append(ControlRun(source, scale, image, str(image_path), cn_config, start, stop))
     return runs
+
+
+def check_windows(runs: list[ControlRun], num_steps: int, strength: float | None) -> None:
+    """Each ControlNet must act on a step of the run (an edit runs the last steps of `num_steps`): a window
+    between two steps would change nothing while the metadata records the ControlNet as used."""
+    n = num_steps if strength is None else num_steps - edit_start(num_steps, strength)
+    for run in runs:
+        if not any(control_active(i, n, run.start, run.stop) for i in range(n)):
+            raise PreflightError(f"--controlnet {run.source}: --control-start {run.start:g} .. --control-end "
+                                 f"{run.stop:g} leaves it on for no step of {n} (step i is on when i / {n} >= start "
+                                 f"and (i + 1) / {n} <= end): widen the window or give more --steps")
 
 
 def check_source(source: str, demo: bool, model_config):

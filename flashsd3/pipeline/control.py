@@ -18,7 +18,7 @@ import torch
 
 from ..controlnet import ControlNet, ControlNetResiduals
 from ..images import ImageError, image_size, mask_to_latents, preprocess_image, preprocess_mask
-from ..rules import check_number
+from ..rules import check_number, control_active
 from ..sampling import noise_to
 from .checks import check_finite
 
@@ -34,8 +34,7 @@ class Control:
     stop: float  # fraction of the steps after which it is off (control_guidance_end)
 
     def active(self, step: int, num_steps: int) -> bool:
-        """diffusers' controlnet_keep: off where step / n < start or (step + 1) / n > stop."""
-        return not (step / num_steps < self.start or (step + 1) / num_steps > self.stop)
+        return control_active(step, num_steps, self.start, self.stop)
 
 
 class ControlledModel:
