@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from flashsd3.config import SD3_MEDIUM, TINY
 from flashsd3.lora import add_lora, lora_parameters
+from flashsd3.lora.checkpointing import checkpoint_blocks
 from flashsd3.mmdit import MMDiT
 from flashsd3.training.flash import (
     FlashBatch,
@@ -42,7 +43,7 @@ from flashsd3.training.flash import (
 from flashsd3.training.flash import step as flash_step
 
 MODELS = {"sd3-medium": SD3_MEDIUM, "tiny": TINY}
-CLIP_TOKENS, T5_TOKENS = 77, 77  # the recipe's 154 context tokens (flash-training.md §1.1)
+CLIP_TOKENS, T5_TOKENS = 77, 77  # the recipe's 154 context tokens: CLIP, then zero T5 tokens (training/cache.py)
 
 
 class PartTimer:
@@ -80,9 +81,9 @@ def build(args, device: torch.device, dtype: torch.dtype):
     with torch.device(device):
         model = MMDiT(cfg).to(dtype).requires_grad_(False)
     add_lora(model, rank=args.rank, alpha=args.alpha, targets="flash-sd3")
-    model.activation_checkpointing = args.checkpointing
+    checkpoint_blocks(model, args.checkpointing)
     side = args.resolution // 8  # SD3's VAE downscale
-    recipe = FlashRecipe(K=args.K, d_pass=args.d_pass)
+    recipe = FlashRecipe(teacher_steps=args.K, d_pass=args.d_pass)
     head = make_head(recipe, model, side).to(device)
     B, L = args.batch, CLIP_TOKENS + T5_TOKENS
     g = torch.Generator().manual_seed(1)

@@ -15,10 +15,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashsd3.config import SD3_MEDIUM, MMDiTConfig
 from flashsd3.lora import add_lora, lora_disabled
+from flashsd3.lora.checkpointing import checkpoint_blocks
 from flashsd3.mmdit import MMDiT
 
 GIB = 2**30
-TEXT_TOKENS = 154  # 77 CLIP + 77 zero T5 tokens (flash-training.md §1.1)
+TEXT_TOKENS = 154  # 77 CLIP + 77 zero T5 tokens (the recipe's context, training/cache.py)
 
 
 def param_counts() -> tuple[int, int]:
@@ -38,7 +39,7 @@ def saved_bytes(depth: int, side: int, batch: int, lora_on: bool, checkpointing:
     torch.manual_seed(0)
     model = MMDiT(cfg).to(torch.bfloat16).requires_grad_(False)
     add_lora(model, rank=64, alpha=8)
-    model.activation_checkpointing = checkpointing
+    checkpoint_blocks(model, checkpointing)
     x = torch.randn(batch, 16, side, side, dtype=torch.bfloat16, requires_grad=not lora_on)
     ctx = torch.randn(batch, TEXT_TOKENS, 4096, dtype=torch.bfloat16)
     pooled = torch.randn(batch, 2048, dtype=torch.bfloat16)

@@ -10,6 +10,7 @@ _EXPORTS = {
     "VAE": "vae", "load_vae": "vae", "TextEncoders": "text_encoders",
     "load_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "add_lora": "lora", "save_lora": "lora",
     "Recipe": "recipes", "RECIPES": "recipes",
+    "ControlNet": "controlnet", "load_controlnet": "controlnet",
     "MMDiTConfig": "config", "VAEConfig": "config", "SD3_MEDIUM": "config", "TINY": "config",
 }
 __all__ = list(_EXPORTS)

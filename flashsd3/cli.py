@@ -25,15 +25,16 @@ import warnings
 from pathlib import Path
 
 from . import hub
+from .controlnet import flags as control_flags
 from .cpu_memory import keep_freed_memory
 from .distributed import Ranks, resolve_device
 from .outputs import OutputError, Plan, check_out_dir, new_file_mode, save_image
-from .preflight import SEED_LIMIT, PreflightError, check_loras, check_seed, model_config
-from .settings import Inputs, call, describe, load_edit, metadata, run_recipe, run_size
+from .preflight import check_loras, model_config
+from .rules import InputError, check_seed, check_size
+from .settings import SIZE_FLAGS, Inputs, call, check_schedule, describe, load_edit, metadata, run_recipe, run_size
 
 PROG = "flashsd3-sample"
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # and "auto" (flashsd3.precision)
-SIZE_STEP = 16  # VAE downscale 8 x patch size 2 (SD3 and the demo config); checked again against the model
 DEMO_SIZE = 256  # default --height/--width with --demo: the toy model is fast, its images are noise anyway
 DEMO_PROMPT = "a raccoon reading a book in a lush forest"
 MESSAGE_LIMIT = 800  # characters of an error message shown (a folder listing or key list can be huge)
@@ -47,7 +48,7 @@ class OtherRankFailed(UsageError):
     """Another rank's check failed; rank 0 reports it and this rank exits 2 quietly."""
 
 
-BAD_INPUT = (UsageError, OutputError, PreflightError)  # one line on stderr, exit code 2
+BAD_INPUT = (UsageError, OutputError, InputError)  # one line on stderr, exit code 2 (PreflightError is an InputError)
 
 
 def reproducible_mkl() -> None:
@@ -65,29 +66,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind=int, low=0, multiple=1, high=None):
-    """argparse type: a finite `kind` in [low, high) that is a multiple of `multiple`; else a one-line error."""
+def _number(kind=int, low=0, high=None):
+    """argparse type: a finite `kind` in [low, high) (no bound where None); else a one-line error. Flags whose
+    values a rule of `flashsd3.rules` checks (size, seed, steps, strength) are only parsed here, so the rule's
+    message is the one the pipeline gives."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (high is not None and value >= high):
+        if low is not None and (not math.isfinite(value) or value < low or (high is not None and value >= high)):
             bound = f">= {low}" if high is None else f"from {low} to {high - 1}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
-        if multiple != 1 and value % multiple:  # sizes only: a float % 1 is its fraction
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} (VAE x patch size), got {value}")
         return value
     return parse
-
-
-def _strength(text: str) -> float:
-    value = _number(float)(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}: the part of the schedule run from the "
-                                         "noised image (1: from pure noise)")
-    return value
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -113,19 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "LoRA (4 steps), or SD3 / SD3.5 with their own recipes.",
                 epilog="Exit codes: 0 done, 1 generation failed, 2 bad input / weights unavailable / "
                        "existing files, 130 interrupted.")
-    count, px, path = _number(low=1), _number(low=1, multiple=SIZE_STEP), lambda t: Path(_expand(t))
-    size_help = f"multiple of {SIZE_STEP}; default: the --image's, else 1024 ({DEMO_SIZE} with --demo)"
+    count, parsed, path = _number(low=1), _number(low=None), lambda t: Path(_expand(t))
+    size_help = f"multiple of 16 (SD3); default: the --image's, else 1024 ({DEMO_SIZE} with --demo)"
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="repeatable")
     g.add_argument("--prompts-file", type=path, metavar="FILE", help="one per line, after any --prompt; blanks skipped")
     g.add_argument("--negative-prompt", metavar="TEXT", help="used only with --guidance > 1")
     g.add_argument("--num-images", type=count, default=1, metavar="N", help="images per prompt (default 1)")
-    g.add_argument("--seed", type=_number(high=SEED_LIMIT), metavar="N",
+    g.add_argument("--seed", type=parsed, metavar="N",
                    help="0 .. 2**64 - 1; default: random (printed); image k uses seed + k")
     g = p.add_argument_group("sampling (default: the recipe; each flag set overrides it)")
     g.add_argument("--recipe", choices=list(RECIPES), help="default: the model's: flash-sd3 for SD3 with a LoRA "
                    "(and --demo), sd3 with --lora none, sd3.5-medium / sd3.5-large by architecture")
-    g.add_argument("--steps", type=count, metavar="N", help="sampler steps (flash-sd3: 4, sd3: 28)")
+    g.add_argument("--steps", type=parsed, metavar="N", help="sampler steps (flash-sd3: 4, sd3: 28)")
     g.add_argument("--guidance", type=_number(float), metavar="G", help="CFG scale, on if > 1 (flash-sd3: 0, sd3: 7)")
     g.add_argument("--sampler", choices=list(SAMPLERS))
     g.add_argument("--shift", type=_number(float, low=1e-6), metavar="S", help="sigma time shift (recipes: 3)")
@@ -135,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slg-scale", type=_number(float), metavar="S", help="default 2.8 (diffusers'), recipe's if any")
     g.add_argument("--slg-start", type=_number(float), metavar="F", help="fraction of the steps (default 0.01)")
     g.add_argument("--slg-stop", type=_number(float), metavar="F", help="fraction of the steps (default 0.2)")
-    g.add_argument("--height", type=px, metavar="PX", help=size_help)
-    g.add_argument("--width", type=px, metavar="PX", help=size_help)
+    g.add_argument("--height", type=parsed, metavar="PX", help=size_help)
+    g.add_argument("--width", type=parsed, metavar="PX", help=size_help)
     g.add_argument("--batch-size", type=count, default=1, metavar="N", help="images per model call (default 1)")
     g = p.add_argument_group("image to edit")
     g.add_argument("--image", type=path, metavar="FILE", help="img2img from this image. Output size: the image's "
@@ -144,8 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "are resized (Lanczos, as diffusers)")
     g.add_argument("--mask", type=path, metavar="FILE", help="inpainting (needs --image): white = repaint, black = "
                    "keep; grayscale, of the image's size")
-    g.add_argument("--strength", type=_strength, metavar="F", help="(0, 1]: how much of the schedule runs from "
-                   "the noised image (default 0.6 img2img, 1.0 inpainting)")
+    g.add_argument("--strength", type=_number(float, low=None), metavar="F", help="(0, 1]: how much of the "
+                   "schedule runs from the noised image (default 0.6 img2img, 1.0 inpainting)")
+    control_flags.add_arguments(p, path)
+    add_model_arguments(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=path, default=Path("outputs"), metavar="DIR", help="default: %(default)s")
+    g.add_argument("--json", action="store_true", help="write a .json sidecar with the metadata of each image")
+    g.add_argument("--overwrite", action="store_true", help="replace existing files (keeping their mode)")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags, shared with flashsd3-serve (flashsd3/serve/cli.py)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", type=_expand, default=hub.SD3_MEDIUM_REPO, metavar="PATH|REPO",
                    help="diffusers folder, single .safetensors file, or hub repo id (default: %(default)s)")
@@ -159,16 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
     g.add_argument("--demo", action="store_true", help="random toy-width model, no download: noise-like images")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=path, default=Path("outputs"), metavar="DIR", help="default: %(default)s")
-    g.add_argument("--json", action="store_true", help="write a .json sidecar with the metadata of each image")
-    g.add_argument("--overwrite", action="store_true", help="replace existing files (keeping their mode)")
-    return p
 
 
 # Checks before any model is loaded or any folder created ----------------------------------------
 
-def parse_lora(value: str) -> tuple[str, float]:
+def parse_lora(value: str, flag: str = "--lora") -> tuple[str, float]:
     """'src' or 'src:scale'. An existing path is never split, so 'C:\\loras\\x.safetensors' and
     'user/repo' stay whole; text after the last ':' without a path separator must be the scale."""
     head, sep, tail = value.rpartition(":")
@@ -177,9 +176,9 @@ def parse_lora(value: str) -> tuple[str, float]:
     try:
         scale = float(tail)
     except ValueError:
-        raise UsageError(f"--lora {value}: the scale {tail!r} is not a number (SOURCE or SOURCE:SCALE)") from None
+        raise UsageError(f"{flag} {value}: the scale {tail!r} is not a number (SOURCE or SOURCE:SCALE)") from None
     if not math.isfinite(scale):
-        raise UsageError(f"--lora {value}: the scale must be a finite number")
+        raise UsageError(f"{flag} {value}: the scale must be a finite number")
     return head, scale
 
 
@@ -205,9 +204,12 @@ def check_source(source: str, flag: str) -> None:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
-        try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first prompt
+            lines = args.prompts_file.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start}): save it as UTF-8") from None
+        except OSError as e:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
         from_file = [line.strip() for line in lines if line.strip()]
         if not from_file:
@@ -225,16 +227,24 @@ def check_inputs(args) -> Inputs:
     or a default: small with --demo)."""
     prompts = read_prompts(args)
     if args.seed is not None:
-        check_seed(args.seed, len(prompts) * args.num_images)
+        check_seed(args.seed, len(prompts) * args.num_images, "--seed")
     if not args.demo:
         check_source(args.model, "--model")
     loras = lora_list(args.lora, args.demo)
     config = model_config(args.model, args.demo)
     edit = load_edit(args)
+    controls = control_flags.check_controls(args, [parse_lora(v, "--controlnet") for v in args.controlnet or []],
+                                            config, edit)
+    resized = args.height is not None
+    args.height, args.width = control_flags.output_size(controls, edit, args.height, args.width, config)
     args.height, args.width = run_size(edit, args.height, args.width, config, DEMO_SIZE if args.demo else 1024)
+    control_flags.check_sizes(controls, args.height, args.width, resized)
     check_loras(config, [source for source, _ in loras])
     recipe = run_recipe(args, config, bool(loras)) if config is not None else None
-    return Inputs(loras, prompts, edit, recipe)
+    if recipe is not None:
+        check_schedule(recipe, edit)
+        control_flags.check_windows(controls, recipe.steps, None if edit is None else edit.strength)
+    return Inputs(loras, prompts, edit, recipe, controls)
 
 
 def checked(ranks: Ranks, step):
@@ -255,7 +265,7 @@ def checked(ranks: Ranks, step):
 
 # Model and generation ---------------------------------------------------------------------------
 
-def load_pipeline(args, loras, device, dtype: str):
+def load_pipeline(args, loras, device, dtype: str, controls=()):
     import torch
 
     from .lora import load_lora, merge_lora
@@ -272,13 +282,17 @@ def load_pipeline(args, loras, device, dtype: str):
             load_lora(pipe.transformer, source, scale=scale, name=f"lora{k}")
         if loras:
             merge_lora(pipe.transformer, discard=True)  # the CLI never unmerges
-        pipe.check_size(args.height, args.width)
+        control_flags.load(pipe, controls, torch_dtype, device)
+        check_size(pipe.transformer.config, args.height, args.width, vae_downscale=pipe.vae.downscale,
+                   names=SIZE_FLAGS)  # a downloaded model's position table
     except hub.WeightsUnavailable as e:
         raise UsageError(weights_message(e, args.model)) from None
     except (CheckpointError, OSError) as e:
         raise UsageError(f"cannot load the weights: {e}") from None
-    except ValueError as e:  # check_size: beyond the position table of a downloaded model
-        raise UsageError(str(e)) from None
+    except InputError:  # the size against a downloaded model's position table: the rule's own message
+        raise
+    except ValueError as e:  # anything else the loaders refuse
+        raise UsageError(f"cannot load the weights: {e}") from None
     if args.compile:
         pipe.transformer.compile(mode=args.compile_mode)  # in place: the module keeps its attributes
     return pipe
@@ -308,7 +322,8 @@ def generate(pipe, args, inputs: Inputs, plan: Plan, ranks: Ranks, meta: dict, n
     with bar:
         for batch in plan.batches(args.batch_size, ranks.rank, ranks.world):
             images = call(pipe, edit, [j.prompt for j in batch], negative_prompt=negative, height=args.height,
-                          width=args.width, recipe=inputs.recipe, seed=[j.seed for j in batch], callback=step_note)
+                          width=args.width, recipe=inputs.recipe, seed=[j.seed for j in batch], callback=step_note,
+                          **control_flags.call_arguments(inputs.controls))
             for job, image in zip(batch, images, strict=True):
                 save_image(image, args.out, job, meta, overwrite=args.overwrite, sidecar=args.json, mode=mode)
                 bar.update(1)
@@ -320,8 +335,8 @@ def run_metadata(args, inputs: Inputs, dtype: str, negative: str | None) -> dict
     return {"negative_prompt": negative or "", **metadata(inputs.recipe, inputs.edit),
             "width": args.width, "height": args.height,
             "model": "demo (random weights, flashsd3.config.DEMO)" if args.demo else args.model,
-            "lora": [{"source": s, "scale": c} for s, c in inputs.loras], "t5": args.t5, "dtype": dtype,
-            "software": "flashsd3"}
+            "lora": [{"source": s, "scale": c} for s, c in inputs.loras], **control_flags.metadata(inputs.controls),
+            "t5": args.t5, "dtype": dtype, "software": "flashsd3"}
 
 
 def run_dtype(flag: str, device) -> tuple[str, str | None]:
@@ -339,7 +354,8 @@ def run(args, ranks: Ranks, device) -> int:
     prompts = inputs.prompts
     seed = args.seed if args.seed is not None else ranks.from_rank0(random.SystemRandom().randrange(2**31))
     plan = Plan(tuple(prompts), args.num_images, seed)
-    checked(ranks, lambda: (check_seed(seed, plan.total), check_out_dir(args.out, plan, args.overwrite, args.json)))
+    checked(ranks, lambda: (check_seed(seed, plan.total, "--seed"),
+                            check_out_dir(args.out, plan, args.overwrite, args.json)))
     dtype, dtype_note = run_dtype(args.dtype, device)
     sharded = f" over {ranks.world} ranks" if ranks.world > 1 else ""
     say(f"seed {seed}: image k uses seed + k ({plural(plan.total)}{sharded}, {dtype} on {device})")
@@ -350,10 +366,11 @@ def run(args, ranks: Ranks, device) -> int:
     if inputs.recipe is not None:
         say(describe(inputs.recipe))
     t0 = time.perf_counter()
-    pipe = checked(ranks, lambda: load_pipeline(args, inputs.loras, device, dtype))
+    pipe = checked(ranks, lambda: load_pipeline(args, inputs.loras, device, dtype, inputs.controls))
     t1 = time.perf_counter()
     if inputs.recipe is None:  # a hub model: its config is known now
         inputs.recipe = checked(ranks, lambda: run_recipe(args, pipe.transformer.config, bool(inputs.loras)))
+        checked(ranks, lambda: check_schedule(inputs.recipe, inputs.edit))
         say(describe(inputs.recipe))
     negative = args.negative_prompt if inputs.recipe.cfg else None
     if args.negative_prompt is not None and negative is None:
@@ -397,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device, ranks.local_rank)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        ranks.start("nccl" if device.type == "cuda" else "gloo")
+        ranks.start(device)
         code = run(args, ranks, device)
         ranks.close(synchronize=True)
         return code

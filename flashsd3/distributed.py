@@ -1,8 +1,10 @@
-"""The few torch.distributed steps flashsd3-sample needs under torchrun: a device per local rank,
-agree on failures, share a seed, add up the results. Python objects travel with torch.distributed's object collectives
-(`all_gather_object`, `broadcast_object_list`); one process (no WORLD_SIZE) needs no process group.
+"""The few torch.distributed steps flashsd3-sample and flashsd3-train need under torchrun: a device per local
+rank, agree on failures, share a seed, add up results and average gradients. Python objects travel with
+torch.distributed's object collectives (`all_gather_object`, `broadcast_object_list`), numbers and gradients
+with `all_reduce`; one process (no WORLD_SIZE) needs no process group.
 
     torchrun --nproc_per_node 4 -m flashsd3.cli --prompts-file prompts.txt
+    torchrun --nproc_per_node 2 -m flashsd3.training.cli flow --config run.toml
 """
 from __future__ import annotations
 
@@ -27,12 +29,19 @@ class Ranks:
             return cls()
         return cls(world, int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")))
 
-    def start(self, backend: str) -> None:
-        """Join the process group (gloo on CPU, nccl on CUDA; torchrun's env:// rendezvous)."""
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs and writes."""
+        return self.rank == 0
+
+    def start(self, device) -> None:
+        """Join the process group on `device` (a torch.device: nccl on CUDA, gloo on CPU; torchrun's env://
+        rendezvous)."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group(backend)
+            cuda = device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
             self.started = True
 
     def gather(self, value) -> list:
@@ -55,6 +64,38 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        """Elementwise sums over ranks of `values` (float64 on `device`, where the backend reduces)."""
+        if not self.started:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def average(self, tensors: list) -> None:
+        """Replace each tensor (e.g. a gradient) by its mean over ranks: one all_reduce of them flattened."""
+        if not self.started or not tensors:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def first_failure(self, error: str | None) -> tuple[int, str] | None:
         """Each rank says what failed (None: nothing); all learn (rank, message) of the lowest failing rank."""
         return next(((r, e) for r, e in enumerate(self.gather(error)) if e is not None), None)
@@ -74,15 +115,23 @@ class Ranks:
         self.started = False
 
 
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
 def resolve_device(name: str, local_rank: int | None):
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' as a torch.device; under torchrun
-    a bare 'cuda' means this local rank's GPU. ValueError names what is wrong."""
+    a bare 'cuda' means this local rank's GPU. Call it before loading anything: ValueError names the
+    --device value and what is wrong (no such device type, no CUDA here, no such GPU)."""
     import torch
 
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+        raise ValueError(f"--device {name}: not a device ({DEVICES})") from None
+    if device.type not in ("cpu", "cuda"):  # xpu, mps, meta, ...: devices this program does not run on
+        raise ValueError(f"--device {name}: the {device.type} device type is not supported ({DEVICES})")
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine")

@@ -1,4 +1,5 @@
-"""Output files of flashsd3-sample: job names, the plan of a run, and atomic PNG / JSON writes.
+"""Output files: the package's one atomic writer (files and folders, used by sampling, training, LoRA saving
+and the toy), and flashsd3-sample's job names, plan of a run and PNG / JSON writes.
 
 Image k of a run (prompts in order, `per_prompt` images each) is named f"{k:05d}-{seed + k}-{slug}.png"
 and drawn from seed + k alone (`flashsd3.pipeline.image_seeds`). Jobs are computed from their index on
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 import unicodedata
@@ -99,22 +101,31 @@ def check_out_dir(out: Path, plan: Plan, overwrite: bool, sidecar: bool) -> None
                           f"pass --overwrite to replace them or choose another --out/--seed")
 
 
+def umask() -> int:
+    """The process umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def new_file_mode() -> int:
     """0o666 minus the process umask: the mode `open(path, "w")` would give a new file."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~umask()
 
 
-def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool, mode: int) -> None:
-    """write(tmp) then rename. Without overwrite a hard link refuses a name taken since the check
-    (another process); plain check + rename where the file system has no hard links. The file gets
-    `mode`, or the mode of the file it replaces (mkstemp itself creates 0o600)."""
+def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool = True, mode: int | None = None) -> None:
+    """write(tmp) beside `path`, then rename it there: readers see the old file or the new one, never half.
+
+    Without overwrite a hard link refuses a name taken since the caller's check (another process); plain
+    check + rename where the file system has no hard links. The file gets `mode` (default: what `open` would
+    give it under the umask), or the mode of the file it replaces (mkstemp itself creates 0o600)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     taken = OutputError(f"{path} appeared while generating; not overwriting it (use --overwrite)")
     try:
         write(tmp)
+        mode = new_file_mode() if mode is None else mode
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode) if overwrite else mode
         except FileNotFoundError:
@@ -135,17 +146,51 @@ def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool, mode
             os.remove(tmp)
 
 
+def atomic_json(path: Path, data) -> None:
+    """`data` as indented JSON, written atomically (replacing the file)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+
+
+def atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp_dir) beside `path`, then rename the folder there (replacing an older folder of that name).
+    The folder and what `write` put in it get the modes `mkdir` and `open` would give them under the umask
+    (mkdtemp creates 0o700; some writers, safetensors' among them, create 0o600 files)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        mask = umask()
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_image(image, out: Path, job: Job, meta: dict, *, overwrite: bool, sidecar: bool, mode: int) -> None:
     """`out/job.filename` with `meta` (+ prompt, index, seed) as PNG iTXt chunks, and optionally the same
     as a .json sidecar, written first so that a complete PNG always has its sidecar."""
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = {"prompt": job.prompt, "index": job.index, "seed": job.seed, **meta}
+    meta = image_metadata(job, meta)
     path = out / job.filename
     if sidecar:
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
         atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(text, encoding="utf-8"), overwrite, mode)
+    info = png_info(meta)
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info), overwrite, mode)
+
+
+def image_metadata(job: Job, meta: dict) -> dict:
+    """The text recorded with image `job`: prompt, index, seed, then the run's settings."""
+    return {"prompt": job.prompt, "index": job.index, "seed": job.seed, **meta}
+
+
+def png_info(meta: dict):
+    """`meta` as PNG iTXt chunks (UTF-8 prompts); non-strings as JSON. flashsd3-serve encodes with it too."""
+    from PIL.PngImagePlugin import PngInfo
+
     info = PngInfo()
     for key, value in meta.items():
-        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))  # iTXt: UTF-8 prompts
-    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info), overwrite, mode)
+        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
+    return info

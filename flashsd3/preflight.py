@@ -4,6 +4,8 @@ A local model's transformer config comes from its config.json or, for a single f
 in the safetensors header (`flashsd3.mmdit.loading.transformer_config`, as the loader reads it); with it the image
 size is checked against the position table, and every local LoRA is planned onto the model built on
 the meta device (`flashsd3.lora.formats.plan_lora`: keys, layout, ranks, shapes; no tensor is read).
+The rules on the values of flags (size, seed range, steps, strength, skip-layer guidance) are the pipeline's
+own, in `flashsd3.rules`, called with the flags' names.
 """
 from __future__ import annotations
 
@@ -12,20 +14,11 @@ from pathlib import Path
 
 from .config import DEMO, SD3_MEDIUM, MMDiTConfig
 from .hub import SD3_MEDIUM_REPO
-
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
-VAE_DOWNSCALE = 8  # SD3's VAE and the demo's: 4 levels of block_out_channels (vae/config.json)
+from .rules import InputError
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     """An input that cannot work, found before any heavy work; the message names the flag at fault."""
-
-
-def check_seed(seed: int, total: int) -> None:
-    """Image k of `total` uses seed + k; every one must be a seed torch.Generator takes."""
-    if seed < 0 or seed + total > SEED_LIMIT:
-        raise PreflightError(f"--seed {seed}: image k uses seed + k, and image {total - 1} would need "
-                             f"{seed + total - 1}, outside 0 .. 2**64 - 1 (the seeds a torch generator takes)")
 
 
 def model_config(model: str, demo: bool) -> MMDiTConfig | None:
@@ -44,17 +37,6 @@ def model_config(model: str, demo: bool) -> MMDiTConfig | None:
             return transformer_config(model)
     except (CheckpointError, OSError) as e:
         raise PreflightError(_naming(e, "--model", model)) from None
-
-
-def check_size(config: MMDiTConfig, height: int, width: int) -> None:
-    """The image must fit the position table: pos_embed_max_size tokens of (patch x VAE) pixels a side."""
-    factor, table = VAE_DOWNSCALE * config.patch_size, config.pos_embed_max_size
-    for name, value in (("height", height), ("width", width)):
-        if value % factor:
-            raise PreflightError(f"--{name} {value}: must be a multiple of {factor} for this model")
-        if value // factor > table:
-            raise PreflightError(f"--{name} {value} exceeds the position table of this model: "
-                                 f"at most {table * factor}")
 
 
 def check_loras(config: MMDiTConfig | None, sources: list[str]) -> None:

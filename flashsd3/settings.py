@@ -8,10 +8,23 @@ torch is imported inside functions only: the CLI sets MKL's environment before t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import MMDiTConfig
-from .preflight import VAE_DOWNSCALE, PreflightError, check_size
+from .preflight import PreflightError
+from .rules import (
+    InputError,
+    check_size,
+    check_skip_layers,
+    check_slg_window,
+    check_steps,
+    check_strength,
+    check_strength_leaves_a_step,
+    size_factor,
+)
+from .rules import edit_size as rules_edit_size
+
+SIZE_FLAGS = ("--height", "--width")
 
 # the pipeline's argument names in library messages -> the flags that set them
 FLAG_NAMES = {"skip_guidance_layers": "--slg-layers", "skip_layer_guidance_scale": "--slg-scale",
@@ -29,7 +42,6 @@ def flag_names(message: str) -> str:
 def run_recipe(args, config: MMDiTConfig, adapters: bool):
     """--recipe (default: the model's, as the pipeline picks it; flash-sd3 for --demo, as `Pipeline.demo`)
     with the flags that are set; skip-layer guidance checked against guidance and the model's depth."""
-    from .pipeline.checks import check_skip_layers
     from .recipes import FLASH_SD3, default_recipe, get_recipe, override
 
     base = get_recipe(args.recipe) if args.recipe else FLASH_SD3 if args.demo else \
@@ -40,6 +52,8 @@ def run_recipe(args, config: MMDiTConfig, adapters: bool):
         verb = "adjusts" if len(tuning) == 1 else "adjust"
         raise PreflightError(f"{', '.join(tuning)} {verb} skip-layer guidance, which is off ({why}): "
                              "give --slg-layers (e.g. 7,8,9) to turn it on")
+    if args.steps is not None:
+        check_steps(args.steps, "--steps")
     try:
         rec = override(base, steps=args.steps, guidance=args.guidance, sampler=args.sampler, shift=args.shift,
                        skip_guidance_layers=args.slg_layers, skip_layer_guidance_scale=args.slg_scale,
@@ -54,11 +68,22 @@ def run_recipe(args, config: MMDiTConfig, adapters: bool):
                              f"<= 1 (sampler {rec.sampler}); skip-layer guidance adds a term to the CFG pass, "
                              "so give --guidance > 1 or --slg-layers none")
     try:
-        check_skip_layers(rec.slg.layers, config.depth)
-    except ValueError as e:
+        check_skip_layers(rec.slg.layers, config.depth, "--slg-layers")
+    except InputError as e:
         hint = "" if args.slg_layers else "; give --slg-layers within them, or --slg-layers none"
-        raise PreflightError(f"{flag_names(str(e))}{hint}") from None
+        raise PreflightError(f"{e}{hint}") from None
     return rec
+
+
+def check_schedule(rec, edit: Edit | None) -> None:
+    """What the recipe and the edit's strength leave of the schedule: at least one step, and a step for
+    skip-layer guidance to act on when it is on (it would otherwise change nothing while recorded)."""
+    strength = None if edit is None else edit.strength
+    if strength is not None:
+        check_strength_leaves_a_step(strength, rec.steps, name="--strength", steps="--steps")
+    if rec.slg is not None and rec.cfg:
+        check_slg_window(rec.slg.start, rec.slg.stop, rec.steps, strength, off="--slg-layers none",
+                         names=("--slg-start", "--slg-stop", "--steps", "--strength"))
 
 
 def describe(rec) -> str:
@@ -100,8 +125,8 @@ def load_edit(args) -> Edit | None:
             check_mask_matches(image, mask)
     except ImageError as e:
         raise PreflightError(f"--mask: {e}") from None
-    strength = args.strength if args.strength is not None else INPAINT_STRENGTH if mask is not None \
-        else IMG2IMG_STRENGTH
+    strength = check_strength(args.strength, "--strength") if args.strength is not None else \
+        INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
     return Edit(image, str(args.image), mask, None if args.mask is None else str(args.mask), strength)
 
 
@@ -113,6 +138,7 @@ class Inputs:
     prompts: list[str]
     edit: Edit | None  # the image (and mask) to edit; None for text to image
     recipe: object | None  # the effective Recipe; None until a hub model's config is known
+    controls: list = field(default_factory=list)  # flashsd3.controlnet.flags.ControlRun, one per --controlnet
 
 
 def run_size(edit: Edit | None, height: int | None, width: int | None, config: MMDiTConfig | None,
@@ -123,37 +149,22 @@ def run_size(edit: Edit | None, height: int | None, width: int | None, config: M
     if edit is not None:
         height, width = edit_size(edit, height, width, config)
     height, width = height or default, width or default
-    if config is not None:
-        try:
-            check_size(config, height, width)
-        except PreflightError as e:
-            if not from_image:
-                raise
-            raise PreflightError(f"--image {edit.image_path} is {width}x{height}, the output size without "
-                                 f"--height/--width: {e}") from None
+    try:
+        check_size(config, height, width, names=SIZE_FLAGS)
+    except InputError as e:
+        if not from_image:
+            raise
+        raise PreflightError(f"--image {edit.image_path} is {width}x{height}, the output size without "
+                             f"--height/--width: {e}") from None
     return height, width
 
 
 def edit_size(edit: Edit, height: int | None, width: int | None, config: MMDiTConfig | None) -> tuple[int, int]:
-    """(height, width) of an edit: --height/--width (the image and mask are resized to it, Lanczos), else the
-    image's own size, refused unless a multiple of the model's factor (a silent resize would change it)."""
-    factor = VAE_DOWNSCALE * (config.patch_size if config is not None else 2)  # SD3's patch: rechecked at load
+    """(height, width) of an edit (`rules.edit_size`): --height/--width (the image and mask are resized to it,
+    Lanczos), else the image's own size, refused unless a multiple of the model's factor."""
     w, h = edit.image.size
-    if height is not None and width is not None:
-        return height, width
-    if height is not None or width is not None:
-        raise PreflightError(f"--image {edit.image_path} is {w}x{h}: give both --height and --width to resize "
-                             "it, or neither to keep its size")
-    if h % factor or w % factor:
-        raise PreflightError(f"--image {edit.image_path} is {w}x{h} (width x height), not a multiple of {factor} "
-                             f"for this model: pass --width and --height to resize it (nearest: width "
-                             f"{_nearest(w, factor)}, height {_nearest(h, factor)}), or crop it")
-    return h, w
-
-
-def _nearest(value: int, factor: int) -> str:
-    low = value // factor * factor
-    return " or ".join(str(v) for v in (low, low + factor) if v > 0)
+    return rules_edit_size((h, w), height, width, size_factor(config), image=f"--image {edit.image_path}",
+                           names=SIZE_FLAGS)
 
 
 def call(pipe, edit: Edit | None, prompts: list[str], **kwargs):

@@ -75,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-DISTIL = distill.ToyFlashRecipe(steps=400, batch=32, bank=1024)
-QUICK_DISTIL = distill.ToyFlashRecipe(steps=8, batch=8, K=8, bank=32, probe=16, probe_every=4)
+DISTIL = distill.with_steps(distill.ToyFlashRun(batch=32, bank=1024), 400)
+QUICK_DISTIL = distill.with_steps(distill.ToyFlashRun(batch=8, bank=32, probe=16, probe_every=4,
+                                                      flash=replace(distill.TOY_FLASH, teacher_steps=8)), 8)
 
 
 class Log:
@@ -261,11 +262,14 @@ def smooth(values: list[float], window: int = 50) -> list[float]:
     return out
 
 
-def distil_recipe(args) -> distill.ToyFlashRecipe:
-    base = QUICK_DISTIL if args.quick else DISTIL
-    overrides = {"steps": args.distil_steps, "batch": args.distil_batch, "bank": args.bank, "seed": args.seed,
-                 "modes": args.modes}
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+def distil_recipe(args) -> distill.ToyFlashRun:
+    run = QUICK_DISTIL if args.quick else DISTIL
+    if args.distil_steps is not None:
+        run = distill.with_steps(run, args.distil_steps)
+    if args.modes is not None:
+        run = replace(run, flash=replace(run.flash, mixture_modes=args.modes))
+    overrides = {"batch": args.distil_batch, "bank": args.bank, "seed": args.seed}
+    return replace(run, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv=None) -> int:

@@ -28,13 +28,14 @@ def peft_config(r=4, alpha=3, targets=FLASH_SD3_TARGETS) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=True)
 
 
-def twins(targets="flash-sd3", peft_targets=FLASH_SD3_TARGETS, seed=0):
-    """(peft model on diffusers, our model): same random base weights, same random non-zero A and B."""
+def twins(targets="flash-sd3", peft_targets=FLASH_SD3_TARGETS, seed=0, dtype=torch.float64):
+    """(peft model on diffusers, our model): same random base weights, same random non-zero A and B.
+    dtype: add_lora's (None: its default, the wider of float32 and the float64 base's)."""
     ref = random_diffusers_transformer(TINY, torch.float64, seed=seed)
     ours = ours_from_diffusers(ref, TINY)
     model = get_peft_model(ref, peft_config(targets=peft_targets) if peft_targets != "all-linear"
                            else LoraConfig(r=4, lora_alpha=3, target_modules="all-linear"))
-    add_lora(ours, rank=4, alpha=3, targets=targets, dtype=torch.float64)
+    add_lora(ours, rank=4, alpha=3, targets=targets, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for _, m in lora_modules(model).items():

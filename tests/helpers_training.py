@@ -3,6 +3,9 @@ OMP_NUM_THREADS=1, so a run's float operations do not depend on the machine's lo
 reading a run's checkpoints and metrics."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +21,26 @@ from safetensors.torch import load_file
 from flashsd3.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+ERR = "flashsd3-train: error:"
+CAPTIONS = ["a red circle", "a blue square", "a green star", ""]
+
+
+def error_line(capsys) -> str:
+    """The one line an in-process `cli.main` printed on stderr (it must be exactly one, an error)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERR), lines
+    return lines[0]
+
+
+def tree_state(root: Path) -> dict | None:
+    """Every entry under `root` -> (kind, mode, SHA-256 of a file's bytes); None if `root` does not exist."""
+    if not root.exists():
+        return None
+    state = {}
+    for p in sorted([root, *root.rglob("*")]):
+        data = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        state[str(p.relative_to(root))] = ("dir" if p.is_dir() else "file", p.stat().st_mode, data)
+    return state
 
 
 def env() -> dict:
@@ -37,6 +60,19 @@ def train_cmd(objective: str, cache: Path, out: Path, args: list, ranks: int = 1
 
 def run(cmd: list) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def run_here(cmd: list) -> subprocess.CompletedProcess:
+    """A one-process `train_cmd` run in this process (`cli.main`, one thread as conftest.py sets): the same
+    result as the subprocess, without starting Python and importing torch again."""
+    assert cmd[1:3] == ["-m", "flashsd3.training.cli"], cmd
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(cmd[3:])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
 def demo_cache(root: Path, captions: list[str]) -> Path:

@@ -24,6 +24,7 @@ from PIL import Image
 from flashsd3 import cli
 from flashsd3.config import TINY
 from flashsd3.outputs import new_file_mode, slugify
+from helpers_files import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "Café Ünïcode: a city at night!", "a bowl of ramen"]
@@ -274,16 +275,20 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "empty prompts file": (["--demo", "--prompts-file", "{tmp}/empty.txt"], "has no prompts"),
     "missing prompts file": (["--demo", "--prompts-file", "{tmp}/nope.txt"], "cannot read --prompts-file"),
     "prompts file under ~": (["--demo", "--prompts-file", "~/nope.txt"], "--prompts-file {tmp}/nope.txt"),
+    "prompts file not UTF-8": (["--demo", "--prompts-file", "{tmp}/latin1.txt"],
+                               "--prompts-file {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)"),
     "height not /16": (["--demo", "--height", "100"], "multiple of 16"),
     "width beyond table": (["--demo", "--width", "2048"], "--width 2048 exceeds the position table"),
     "size beyond a local model's table": (["--prompt", "x", "--model", "{tmp}/tiny", "--lora", "none",
-                                           "--height", "512"], "--height 512 exceeds the position table of this"),
+                                           "--height", "512"],
+                                          "--height 512 exceeds the position table: at most 256 pixels"),
     "local model that fails to load": (["--prompt", "x", "--model", "{tmp}/tiny", "--lora", "none"],
                                        "cannot load the weights: {tmp}/tiny/transformer/"),  # after the checks
     "unknown dtype": (["--demo", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-    "zero steps": (["--demo", "--steps", "0"], "--steps: must be a finite number >= 1"),
-    "negative seed": (["--demo", "--seed", "-1"], "--seed: must be a finite number from 0 to 18446744073709551615"),
-    "seed past 2**64": (["--demo", "--seed", str(2**64)], "--seed: must be a finite number from 0 to"),
+    "zero steps": (["--demo", "--steps", "0"], "--steps must be an int from 1 to 10000, got 0"),
+    "steps that cannot be allocated": (["--demo", "--steps", str(10**12)], "--steps must be an int from 1 to 10000"),
+    "negative seed": (["--demo", "--seed", "-1"], "--seed must be an int in [0, 2**64 - 1] for 1 image(s)"),
+    "seed past 2**64": (["--demo", "--seed", str(2**64)], "a torch generator takes 0 .. 2**64 - 1), got 1844674"),
     "seed + k past 2**64": (["--demo", "--num-images", "3", "--seed", str(2**64 - 2)],
                             "image 2 would need 18446744073709551616"),
     "lora for another model": (["--demo", "--lora", "{tmp}/sdxl_lora.safetensors:0.7"], "not SD3"),
@@ -300,13 +305,20 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "huge count, existing file": (["--demo", "--prompt", "x", "--seed", "0", "--num-images", str(10**15),
                                    "--out", "{tmp}/full"], "1 output file(s) already exist in {tmp}/full"),
     # image to edit (img.png and mask.png: 80x64; see _edit_files)
-    "strength 0": (["--demo", "--image", "{tmp}/img.png", "--strength", "0"], "--strength: must be in (0, 1]"),
-    "strength above 1": (["--demo", "--image", "{tmp}/img.png", "--strength", "1.5"], "must be in (0, 1], got 1.5"),
-    "strength not finite": (["--demo", "--image", "{tmp}/img.png", "--strength", "nan"], "--strength: must be a"),
+    "strength 0": (["--demo", "--image", "{tmp}/img.png", "--strength", "0"], "--strength must be a number in (0, 1]"),
+    "strength above 1": (["--demo", "--image", "{tmp}/img.png", "--strength", "1.5"], "from pure noise), got 1.5"),
+    "strength not finite": (["--demo", "--image", "{tmp}/img.png", "--strength", "nan"], "--strength must be a"),
+    "strength that leaves no step": (["--demo", "--image", "{tmp}/img.png", "--strength", "1e-20"],
+                                     "--strength 1e-20 leaves no step of the 4-step schedule: an edit starts"),
     "strength without image": (["--demo", "--strength", "0.5"], "--strength needs --image"),
     "mask without image": (["--demo", "--mask", "{tmp}/mask.png"], "--mask needs --image"),
     "missing image": (["--demo", "--image", "{tmp}/nope.png"], "--image: image '{tmp}/nope.png' does not exist"),
     "unreadable image": (["--demo", "--image", "{tmp}/empty.txt"], "--image: cannot read image '{tmp}/empty.txt'"),
+    "image is a folder": (["--demo", "--image", "{tmp}/crowded"], "--image: image '{tmp}/crowded' is not a file"),
+    "image decompression bomb": (["--demo", "--image", "{tmp}/bomb.png"],
+                                 "--image: image '{tmp}/bomb.png': refused before decoding"),
+    "mask decompression bomb": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/bomb.png"],
+                                "--mask: mask '{tmp}/bomb.png': refused before decoding"),
     "mask of another size": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/small_mask.png"],
                              "mask is 32x32 but the image is 80x64 (width x height)"),
     "mask with colour": (["--demo", "--image", "{tmp}/img.png", "--mask", "{tmp}/img.png"],
@@ -341,6 +353,14 @@ BAD_INPUTS = {  # argv (after --out) -> a fragment the one error line must conta
     "SLG start after stop": (["--demo", "--guidance", "5", "--slg-layers", "1", "--slg-start", "0.5", "--slg-stop",
                               "0.2"], "needs 0 <= --slg-start < --slg-stop <= 1, got start 0.5, stop 0.2"),
     "SLG layers not numbers": (["--demo", "--slg-layers", "7-9"], "expected block indices like 7,8,9 or 'none'"),
+    "SLG window without a step": (["--demo", "--guidance", "5", "--slg-layers", "1"],
+                                  "skip-layer guidance on --slg-start 0.01 .. --slg-stop 0.2 guides no step of 4 "
+                                  "(step i is guided when 4 x 0.01 < i < 4 x 0.2): give --steps >= 6, a wider "
+                                  "window, or --slg-layers none to turn it off"),
+    "SLG window without a step of an edit": (["--demo", "--image", "{tmp}/img.png", "--strength", "0.5", "--guidance",
+                                              "5", "--steps", "8", "--slg-layers", "1"],
+                                             "guides no step of 4 (the steps --strength 0.5 runs of 8) (step i is "
+                                             "guided when 4 x 0.01 < i < 4 x 0.2): give --steps >= 11,"),
 }
 
 
@@ -355,6 +375,8 @@ def _edit_files(tmp: Path) -> None:
     Image.fromarray(np.full((64, 80, 4), 128, np.uint8)).save(tmp / "alpha_mask.png")
     Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp / "odd.png")
     Image.fromarray(np.zeros((2048, 16, 3), np.uint8)).save(tmp / "big.png")
+    bomb_png(tmp / "bomb.png")  # a header that claims 10^10 pixels
+    (tmp / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

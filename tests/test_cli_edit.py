@@ -110,7 +110,8 @@ def test_recipe_of_a_hub_model_is_resolved_after_loading(files, monkeypatch, cap
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("flashsd3-sample: error:")]
     assert errors == ["flashsd3-sample: error: --slg-layers [2] beyond the model's 2 joint blocks (0..1)"]
     assert not list((files / "bad").iterdir())  # the folder was created before loading; no file in it
-    _, _, meta = sample(files, "--guidance", "5", "--slg-layers", "1", "--height", "32", "--width", "32")
+    _, _, meta = sample(files, "--guidance", "5", "--slg-layers", "1", "--slg-stop", "0.6", "--height", "32",
+                        "--width", "32")  # the default 0.01..0.2 window holds none of 4 steps: refused
     assert (meta["recipe"], meta["guidance"], meta["slg_layers"]) == ("flash-sd3", 5.0, [1])
 
 

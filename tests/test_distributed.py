@@ -1,6 +1,7 @@
 """flashsd3.distributed: one process without a group, and the object collectives on a one-rank gloo group.
 Two real ranks under torchrun: tests/test_cli.py::test_torchrun_two_ranks_match_one_process."""
 import pytest
+import torch
 import torch.distributed as dist
 
 from flashsd3.distributed import Ranks, resolve_device
@@ -10,10 +11,14 @@ def test_one_process_needs_no_group(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     ranks = Ranks.from_env()
-    ranks.start("gloo")
+    ranks.start(torch.device("cpu"))
     assert (ranks.world, ranks.rank, ranks.local_rank, ranks.started) == (1, 0, None, False)
     assert ranks.gather((3, 1.5)) == [(3, 1.5)] and ranks.from_rank0(2**63 + 5) == 2**63 + 5
     assert ranks.first_failure(None) is None and ranks.first_failure("bad") == (0, "bad")
+    assert ranks.all_sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0] and ranks.main
+    grads = [torch.ones(2)]
+    ranks.average(grads)
+    assert torch.equal(grads[0], torch.ones(2))
     ranks.close(synchronize=True)
 
 
@@ -34,12 +39,22 @@ def test_object_collectives_on_a_group(tmp_path):
         assert ranks.from_rank0(2**64 - 1) == 2**64 - 1
         assert ranks.gather((7, 0.25)) == [(7, 0.25)]
         assert ranks.first_failure("--seed 5: bad") == (0, "--seed 5: bad") and ranks.first_failure(None) is None
+        assert ranks.all_sum([0.25, 3.0], torch.device("cpu")) == [0.25, 3.0]
+        grads = [torch.arange(3.0), torch.full((2, 2), 5.0)]
+        ranks.average(grads)  # one rank: the mean is the value itself
+        assert torch.equal(grads[0], torch.arange(3.0)) and torch.equal(grads[1], torch.full((2, 2), 5.0))
     finally:
         ranks.close(synchronize=True)
     assert not dist.is_initialized() and not ranks.started
 
 
 def test_resolve_device():
-    assert resolve_device("cpu", None).type == "cpu"
+    assert resolve_device("cpu", None) == torch.device("cpu") == resolve_device("cpu:3", None)
     with pytest.raises(ValueError, match="--device nope: not a device"):
         resolve_device("nope", None)
+    for name in ("xpu", "meta", "mps"):  # device types this program does not run on
+        with pytest.raises(ValueError, match=f"--device {name}: the {name} device type is not supported"):
+            resolve_device(name, None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:1: CUDA is not available"):
+            resolve_device("cuda:1", None)

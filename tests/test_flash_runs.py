@@ -1,6 +1,7 @@
 """`flashsd3-train flash` end to end on the demo model: 2-rank torchrun against 1 process, a resumed run against
-an uninterrupted one, the saved adapter, the sample grid. Subprocesses with OMP_NUM_THREADS=1, as
-test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per phase) so every loss is exercised."""
+an uninterrupted one, the saved adapter, the sample grid. torchrun with OMP_NUM_THREADS=1 and the one-process
+runs in this process (one thread), as test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per
+phase) so every loss is exercised."""
 import importlib.util
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from flashsd3.training import cli
-from helpers_training import checkpoint_state, demo_cache, metrics, run, run_torchrun, train_cmd
+from helpers_training import checkpoint_state, metrics, run_here, run_torchrun, train_cmd
 
 STEPS = 4
 RUN = ["--batch-size", "4", "--lr", "1e-3", "--teacher-steps", "4", "--phase-batches", "1,1,1", "--guidance-min", "2",
@@ -27,14 +28,14 @@ def state(out: Path, step: int = STEPS) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return demo_cache(tmp_path_factory.mktemp("flash"), ["a red circle", "a blue square", "a green star", "a cat"])
+def cache(demo_cache):
+    return demo_cache  # conftest.py: one demo cache for every training-run test
 
 
 @pytest.fixture(scope="module")
-def reference(cache):
-    out = cache.parent / "reference"
-    proc = run(flash(cache, out, "--sample-every", str(STEPS)))
+def reference(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_here(flash(cache, out, "--sample-every", str(STEPS)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -71,9 +72,9 @@ def test_two_ranks_equal_one(cache, reference, tmp_path):
 
 def test_resumed_equals_uninterrupted(cache, reference, tmp_path):
     out = tmp_path / "resumed"
-    proc = run(flash(cache, out, steps=2))
+    proc = run_here(flash(cache, out, steps=2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run(flash(cache, out, "--resume", steps=STEPS))
+    proc = run_here(flash(cache, out, "--resume", steps=STEPS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout
     ours, ref = state(out), state(reference)
@@ -87,8 +88,8 @@ def test_bad_flash_settings(cache, tmp_path, capsys):
         return capsys.readouterr().err.strip()
 
     base = ["flash", "--cache", cache, "--out", tmp_path / "x"]
-    assert "lambda_adv needs 4 entries" in main(*base, "--lambda-adv", "0,1")
-    assert "disc_blocks must be given exactly when" in main(*base, "--disc-input", "blocks")
+    assert "--lambda-adv needs 4 finite weights" in main(*base, "--lambda-adv", "0,1")
+    assert "--disc-blocks (block indices >= 0) must be given exactly when" in main(*base, "--disc-input", "blocks")
     assert "--train-modules is not supported" in main(*base, "--train-modules", "joint_blocks.0.*")
     if importlib.util.find_spec("lpips") is None:
         assert "needs the `lpips` package" in main(*base, "--distill-loss", "lpips")

@@ -19,7 +19,7 @@ from flashsd3.training.flash import (
     dmd_velocities,
     draw_start_index,
     expected_teacher_steps,
-    flash_update,
+    flash_step,
     generator_loss,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
@@ -27,6 +27,7 @@ from flashsd3.training.flash import (
     student_x0,
     teacher_target,
 )
+from flashsd3.training.loop import OptimizerStep
 
 # the recipe's mixture table (4 decimals; from flash_sd3.yaml's MIXTURE_WEIGHTS / MIXTURE_VAR):
 # P(idx) per phase at the indices listed
@@ -63,18 +64,18 @@ def test_grids_phases_and_options():
     torch.testing.assert_close(r.adv_sigmas(), torch.tensor([0.0294, 0.5, 0.75, 0.9]), rtol=0, atol=5e-5)
     assert [r.phase(s) for s in (0, 2499, 2500, 4999, 5000, 7500, 10**6)] == [0, 0, 1, 1, 2, 3, 3]
     assert r.mode_indices() == (0, 8, 16, 24)
-    assert FlashRecipe(modes="sampler").mode_indices() == (0, 10, 21, 31)  # sigmas 1, .8577, .6022, .0089
+    assert FlashRecipe(mixture_modes="sampler").mode_indices() == (0, 10, 21, 31)  # sigmas 1, .8577, .6022, .0089
     assert disc_head_downsamples(128) == 4 and disc_head_downsamples(16) == 2 and disc_head_downsamples(8) == 1
-    with pytest.raises(ValueError, match="lambda_adv"):
+    with pytest.raises(ValueError, match="--lambda-adv"):
         FlashRecipe(lambda_adv=(0, 1))
-    with pytest.raises(ValueError, match="disc_blocks"):
+    with pytest.raises(ValueError, match="--disc-blocks"):
         FlashRecipe(disc_input="blocks")
 
 
 def test_teacher_target_makes_k_to_zero_cfg_steps():
     """A constant velocity field is integrated exactly by Euler: the solve from sigma_k ends at
     x_k - sigma_k * v_cfg iff it runs to sigma 0; the model is called K - k times on [neg, cond]."""
-    r, calls = FlashRecipe(K=8), []
+    r, calls = FlashRecipe(teacher_steps=8), []
     c_cond, c_neg = torch.full((2, 1), 2.0, dtype=torch.float64), torch.full((2, 1), -1.0, dtype=torch.float64)
 
     def teacher(x, t, c):
@@ -86,7 +87,7 @@ def test_teacher_target_makes_k_to_zero_cfg_steps():
         calls.clear()
         y = teacher_target(teacher, x, grid, k, (c_cond,), (c_neg,), 5.0)
         v = -1.0 + 5.0 * (2.0 - (-1.0))  # v_neg + w (v_cond - v_neg)
-        assert len(calls) == r.K - k and all(t.shape == (4,) for t in calls)  # batched [neg, cond]
+        assert len(calls) == r.teacher_steps - k and all(t.shape == (4,) for t in calls)  # batched [neg, cond]
         torch.testing.assert_close(torch.stack([t[0] for t in calls]), grid[k:-1] * 1000, rtol=0, atol=0)
         # fp64 state, float32 sigma differences: Euler sums telescope to sigma_k up to float32 rounding
         torch.testing.assert_close(y, x - grid[k].double() * v, rtol=0, atol=1e-5)
@@ -176,7 +177,7 @@ def test_student_at_init_equals_teacher_no_cfg_one_step():
 
 def test_updates_touch_only_their_own_parameters():
     models, teacher, student, head = _copy_models()
-    recipe = FlashRecipe(K=4, phase_batches=(0, 0, 0), guidance=(2.0, 3.0))  # phase 3: every loss on
+    recipe = FlashRecipe(teacher_steps=4, phase_batches=(0, 0, 0), guidance_min=2.0, guidance_max=3.0)  # phase 3
     opt_g = torch.optim.AdamW(student.parameters(), lr=1e-3)
     opt_d = torch.optim.AdamW(head.parameters(), lr=1e-3)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
@@ -204,13 +205,12 @@ def test_updates_touch_only_their_own_parameters():
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before["teacher"].items())
 
 
-def test_flash_update_runs_every_phase_and_is_deterministic():
+def test_flash_step_runs_every_phase_and_is_deterministic():
     def run():
         models, _, student, head = _copy_models()
-        recipe = FlashRecipe(K=4, phase_batches=(1, 1, 1), guidance=(2.0, 3.0))
-        opt_g = torch.optim.AdamW(student.parameters(), lr=1e-3)
-        opt_d = torch.optim.AdamW(head.parameters(), lr=1e-3)
-        return [flash_update(models, recipe, _batch(), s, 0, opt_g, opt_d) for s in range(4)]
+        recipe = FlashRecipe(teacher_steps=4, phase_batches=(1, 1, 1), guidance_min=2.0, guidance_max=3.0)
+        update = OptimizerStep(torch.optim.AdamW([*student.parameters(), *head.parameters()], lr=1e-3), clip=0.0)
+        return [flash_step(models, recipe, _batch(), s, 0, update) for s in range(4)]
 
     logs = run()
     assert [log["phase"] for log in logs] == [0, 1, 2, 3]
@@ -232,7 +232,7 @@ def _lora_models(recipe):
 def test_lora_student_at_init_is_the_teacher_and_steps_touch_only_their_own():
     from flashsd3.lora import lora_parameters
 
-    recipe = FlashRecipe(K=4, phase_batches=(0, 0, 0), guidance=(2.0, 3.0))
+    recipe = FlashRecipe(teacher_steps=4, phase_batches=(0, 0, 0), guidance_min=2.0, guidance_max=3.0)
     model, head, models = _lora_models(recipe)
     b = _batch()
     sigma = torch.tensor([0.9, 0.4])
@@ -263,7 +263,8 @@ def test_lora_student_at_init_is_the_teacher_and_steps_touch_only_their_own():
 
 
 def test_mid_block_features_option():
-    recipe = FlashRecipe(K=4, phase_batches=(0, 0, 0), guidance=(2.0, 3.0), disc_input="blocks", disc_blocks=(0, 1))
+    recipe = FlashRecipe(teacher_steps=4, phase_batches=(0, 0, 0), guidance_min=2.0, guidance_max=3.0,
+                         disc_input="blocks", disc_blocks=(0, 1))
     from flashsd3.lora import lora_parameters
 
     model, head, models = _lora_models(recipe)
@@ -271,8 +272,8 @@ def test_mid_block_features_option():
     feats = models.features(b.x0, torch.full((2,), 500.0), *b.cond)
     assert feats.shape == (2, 2 * TINY.hidden_size, 4, 4)  # two blocks' image tokens on the 4x4 token grid
     assert head(feats).shape == (2, 1)
-    logs = flash_update(models, recipe, b, 0, 0, torch.optim.AdamW(lora_parameters(model)),
-                        torch.optim.AdamW(head.parameters()))
+    logs = flash_step(models, recipe, b, 0, 0,
+                      OptimizerStep(torch.optim.AdamW([*lora_parameters(model), *head.parameters()]), clip=0.0))
     assert logs["grad_norm"] > 0 and logs["grad_norm_d"] > 0 and "adv" in logs  # G gradient through the blocks
 
 

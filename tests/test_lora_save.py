@@ -144,7 +144,7 @@ def test_convert_round_trips(tmp_path):
     for source in (tmp_path / "k.safetensors", tmp_path / "d", tmp_path / "p"):
         assert rel_l2(flashsd3_out(source, inputs), expected) < FLOAT64_TOL, source
     assert rel_l2(peft_out(tmp_path / "p", inputs), expected) < FLOAT64_TOL
-    assert main([str(tmp_path / "p"), str(tmp_path / "x"), "--format", "peft", "--model-config", "sd3-medium"]) == 1
+    assert main([str(tmp_path / "p"), str(tmp_path / "x"), "--format", "peft", "--model-config", "sd3-medium"]) == 2
 
 
 def test_save_refusals(tmp_path):

@@ -20,8 +20,10 @@ from flashsd3.lora import (
     make_trainable,
     merge_lora,
     named_lora_parameters,
+    remove_lora,
     set_lora_scale,
 )
+from flashsd3.lora.checkpointing import checkpoint_blocks
 from flashsd3.lora.train import FLASH_SD3_TARGETS, our_rows
 
 pytest.importorskip("diffusers", reason="diffusers is the parity reference (test extra)")
@@ -60,6 +62,23 @@ def test_gradients_equal_peft(targets, peft_targets):
     assert all(p.grad is None for n, p in ours.named_parameters() if ".lora." not in n)
 
 
+def test_one_sgd_step_on_a_float64_model_equals_peft():
+    """add_lora without dtype= on a float64 model makes float64 adapters, as peft does, so a training step
+    agrees with peft's to float64 rounding (float32 adapters drifted by ~4e-8)."""
+    model, ours = twins(dtype=None)
+    inputs = random_inputs(TINY)
+    opt_ref, opt_ours = (torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, ours))
+    loss_of(call_ref(model, *inputs)).backward()
+    loss_of(ours(*inputs)).backward()
+    opt_ref.step()
+    opt_ours.step()
+    for path, (A, B) in peft_ab(model).items():
+        update, target = our_update(ours, path)
+        assert update.A.dtype == torch.float64 and grad_close(update.A.grad, A.grad), path
+        assert (update.A - A).norm() <= FLOAT64_TOL * A.norm(), path
+        assert (our_rows(target, update.B.detach()) - B).norm() <= FLOAT64_TOL * B.norm(), path
+
+
 def test_add_lora_starts_as_the_base_model_and_freezes_it():
     base = MMDiT(TINY).double().requires_grad_(False)  # at::linear picks its kernel by requires_grad: freeze both
     ours = MMDiT(TINY).double()
@@ -69,7 +88,10 @@ def test_add_lora_starts_as_the_base_model_and_freezes_it():
     inputs = random_inputs(TINY)
     assert torch.equal(ours(*inputs), base(*inputs))  # B = 0
     params = named_lora_parameters(ours, name)
-    assert all(p.dtype == torch.float32 and p.requires_grad for _, p in params)  # fp32 adapters on a float64 model
+    assert all(p.dtype == torch.float64 and p.requires_grad for _, p in params)  # as peft: the base's float64
+    add_lora(ours, rank=2, alpha=2.0, targets=["attn.qkv"], name="f32", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for _, p in named_lora_parameters(ours, "f32"))  # unless asked otherwise
+    remove_lora(ours, "f32")
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, _ in params]
     for n, p in params:
         if n.endswith(".A"):  # peft's kaiming_uniform(a=sqrt(5)): bound 1 / sqrt(fan_in)
@@ -181,7 +203,7 @@ def test_teacher_call_inside_the_training_step():
     base = frozen_base()
     inputs = random_inputs(TINY)
     for checkpointing in (False, True):
-        ours.activation_checkpointing = checkpointing
+        checkpoint_blocks(ours, checkpointing)
         ours.zero_grad()
         student = ours(*inputs)
         with torch.no_grad(), lora_disabled(ours):
@@ -201,7 +223,7 @@ def test_checkpointing_gives_the_same_outputs_and_gradients():
     inputs = random_inputs(TINY)
     results = []
     for checkpointing in (False, True):
-        ours.activation_checkpointing = checkpointing
+        checkpoint_blocks(ours, checkpointing)
         ours.zero_grad()
         out = ours(*inputs)
         loss_of(out).backward()
@@ -217,7 +239,7 @@ def test_checkpointing_recomputes_under_the_forward_scales():
     inputs = random_inputs(TINY)
     grads = []
     for checkpointing in (False, True):
-        ours.activation_checkpointing = checkpointing
+        checkpoint_blocks(ours, checkpointing)
         ours.zero_grad()
         with lora_scaled(ours, 0.3):
             out = ours(*inputs)
@@ -229,11 +251,11 @@ def test_checkpointing_recomputes_under_the_forward_scales():
 
 def test_checkpointing_is_off_without_grad():
     _, ours = twins()
-    ours.activation_checkpointing = True
+    checkpoint_blocks(ours)
     inputs = random_inputs(TINY)
     with torch.no_grad():
         out = ours(*inputs)
-    ours.activation_checkpointing = False
+    checkpoint_blocks(ours, False)
     with torch.no_grad():
         assert torch.equal(out, ours(*inputs))
 
@@ -266,7 +288,7 @@ def one_sd3_medium_step(dtype=torch.bfloat16, checkpointing=True) -> dict:
             p.normal_(0, 0.02)
         model.pos_embed.copy_(sincos_2d_table(c.hidden_size, c.pos_embed_max_size, c.sample_size // c.patch_size)[None])
     add_lora(model, rank=64, alpha=8)
-    model.activation_checkpointing = checkpointing
+    checkpoint_blocks(model, checkpointing)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     x0, noise = torch.randn(1, 16, 32, 32), torch.randn(1, 16, 32, 32)

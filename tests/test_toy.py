@@ -1,8 +1,9 @@
 """The toy world: dataset determinism and caption/pixel agreement, the evaluator (classifier, Frechet
 distance against float64 formulas), the teacher file round trip, and a smoke run of scripts/toy.py."""
+import contextlib
+import importlib.util
+import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,16 +71,16 @@ def test_render_rejects_bad_labels():
         render(torch.tensor([0, 1, 2]), torch.Generator())
 
 
-def _held_out_accuracy(steps: int) -> dict[str, float]:
-    clf = train_classifier(seed=0, steps=steps, batch=128)
+def _held_out_accuracy(steps: int, batch: int = 128) -> dict[str, float]:
+    clf = train_classifier(seed=0, steps=steps, batch=batch)
     images, labels = make_dataset(512, seed=99)
     return accuracies(classify(clf, images)[1], labels)
 
 
 def test_classifier_reads_colour_and_position_quickly():
-    """A briefly trained classifier (200 steps, in the test) already reads colour and position of held-out
-    data; shape needs longer (the next test, slow)."""
-    acc = _held_out_accuracy(200)
+    """A briefly trained classifier (80 steps at batch 64, in the test) already reads colour and position of
+    held-out data and shape above chance (measured: 1.0, 1.0, 0.60); shape needs longer (the next test, slow)."""
+    acc = _held_out_accuracy(80, batch=64)
     assert acc["colour_acc"] > 0.98 and acc["position_acc"] > 0.98, acc
     assert acc["shape_acc"] > 0.5, acc  # chance is 1/3
 
@@ -160,10 +161,13 @@ def test_teacher_file_round_trip(tmp_path):
 
 def test_toy_script_smoke(tmp_path):
     """scripts/toy.py end to end on minimal budgets: files written, every teacher row present."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "scripts/toy.py"), "--quick", "--out", str(tmp_path), "--steps", "3",
-           "--num-samples", "48", "--classifier-steps", "3", "--threads", "1"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+    spec = importlib.util.spec_from_file_location("toy_script", ROOT / "scripts" / "toy.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["toy_script"] = script  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    with contextlib.redirect_stdout(io.StringIO()):  # in this process: no second Python and torch import
+        assert script.main(["--quick", "--out", str(tmp_path), "--steps", "3", "--num-samples", "48",
+                            "--classifier-steps", "3", "--threads", "1", "--distil-steps", "4"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for row in ("teacher_cfg_ref", "teacher_nocfg", "teacher_4_cfg", "teacher_4_nocfg", "data_heldout"):
         assert {"adherence", "fd_data", "fd_ref", "shape_acc", "colour_acc", "position_acc"} <= set(results[row])

@@ -1,9 +1,11 @@
 """Toy Flash distillation pieces (flashsd3/toy/distill.py): the bank of teacher trajectories, paired sampling."""
+from dataclasses import replace
+
 import torch
 
 from flashsd3.sampling import cfg_denoiser, flow_match_sigmas, sample_euler
 from flashsd3.toy.data import balanced_labels
-from flashsd3.toy.distill import ToyFlashRecipe, flash_samples, make_bank
+from flashsd3.toy.distill import TOY_FLASH, flash_samples, make_bank
 from flashsd3.toy.model import build_teacher, generate
 
 
@@ -18,7 +20,7 @@ def _teacher():
 
 def test_bank_rows_are_teacher_cfg_trajectories():
     model, text = _teacher()
-    recipe = ToyFlashRecipe(K=6, guidance=(3.0, 3.0))  # one w: the bank must equal generate() at that w
+    recipe = replace(TOY_FLASH, teacher_steps=6, guidance_min=3.0, guidance_max=3.0)  # one w: bank = generate()
     bank = make_bank(model, text, recipe, 5, torch.Generator().manual_seed(1), chunk=2)
     g = torch.Generator().manual_seed(1)
     torch.randint(3, (5,), generator=g), torch.randint(4, (5,), generator=g), torch.randint(4, (5,), generator=g)

@@ -177,7 +177,7 @@ def test_training_demo_models_are_the_sampling_demo():
     from flashsd3.training import models
 
     pipe = FlashSD3Pipeline.demo(seed=0)
-    for ours, ref in ((models.load_transformer("demo", torch.float32, torch.device("cpu")), pipe.transformer),
-                      (models.load_vae("demo", torch.float32, torch.device("cpu")), pipe.vae)):
+    for ours, ref in ((models.training_transformer("demo", torch.float32, torch.device("cpu")), pipe.transformer),
+                      (models.training_vae("demo", torch.float32, torch.device("cpu")), pipe.vae)):
         theirs = ref.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items()) and len(theirs) > 0

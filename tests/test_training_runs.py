@@ -1,8 +1,9 @@
 """`flashsd3-train flow` runs end to end on the demo model: torchrun (2 ranks, gloo) against 1 process, Ctrl-C
 and kill -9 then --resume against an uninterrupted run, the output-folder rules, the saved adapter.
 
-Runs are subprocesses (the real entry point, signals, torchrun) with OMP_NUM_THREADS=1, so a run's float
-operations do not depend on the machine's load; the bad-input cases call `cli.main` in-process.
+Runs that need a process of their own (signals, kill -9, torchrun) are subprocesses with OMP_NUM_THREADS=1, so a
+run's float operations do not depend on the machine's load; the others call `cli.main` in this process (one
+thread, the same float operations).
 """
 import json
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from flashsd3.training import cli
-from helpers_training import checkpoint_state, demo_cache, env, metrics, run, run_torchrun, train_cmd
+from helpers_training import checkpoint_state, env, metrics, run_here, run_torchrun, train_cmd
 
 STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
@@ -37,14 +38,14 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return demo_cache(tmp_path_factory.mktemp("runs"), ["a red circle", "a blue square", "a green star", ""])
+def cache(demo_cache):
+    return demo_cache  # conftest.py: one demo cache for every training-run test
 
 
 @pytest.fixture(scope="module")
-def reference(cache):
-    out = cache.parent / "reference"
-    proc = run(flow(cache, out))
+def reference(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_here(flow(cache, out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -91,8 +92,8 @@ def test_ctrl_c_and_kill_then_resume_continue_the_same_trajectory(cache, referen
     wait_for(out / "checkpoints" / f"step-{stopped + 1:07d}", proc)
     proc.kill()
     proc.communicate()
-    # 3. resumed to the end (grids off: a change a resume may make)
-    proc = run(flow(cache, out, "--resume"))
+    # 3. resumed to the end (grids off: a change a resume may make), in this process
+    proc = run_here(flow(cache, out, "--resume"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout
     ours, ref = final(out), final(reference)
@@ -114,7 +115,7 @@ def test_output_folder_and_resume_rules(cache, reference, tmp_path, capsys):
 
     base = ["flow", "--cache", cache, "--out", reference, *RUN]
     assert "holds a finished run (6 steps): --resume" in main(*base)
-    assert "cannot change lr" in main(*base[:-len(RUN)], "--resume", "--lr", "0.5")
+    assert "cannot change --lr" in main(*base[:-len(RUN)], "--resume", "--lr", "0.5")
     assert "nothing to resume" in main("flow", "--cache", cache, "--out", tmp_path / "new", "--resume")
     assert "8 examples, fewer than one batch of 16" in main("flow", "--cache", cache, "--out", tmp_path / "b",
                                                              "--batch-size", "16")
@@ -131,12 +132,12 @@ def test_saved_adapter_loads_for_sampling(reference, tmp_path):
     from flashsd3.pipeline import FlashSD3Pipeline
     from flashsd3.training.config import make_config
     from flashsd3.training.flow import FlowConfig
-    from flashsd3.training.trainable import make_trainable
+    from flashsd3.training.trainable import set_trainable
 
     saved = json.loads((reference / "config.json").read_text())
-    cfg = make_config(FlowConfig, {k: v for k, v in saved.items() if k != "command"})
+    cfg = make_config(FlowConfig, ({k: v for k, v in saved.items() if k != "command"}, "config.json"))
     trained = FlashSD3Pipeline.demo(seed=0).transformer
-    make_trainable(cfg, trained)  # the run's adapters, then its final values
+    set_trainable(cfg, trained)  # the run's adapters, then its final values
     params = dict(trained.named_parameters())
     with torch.no_grad():
         for k, v in final(reference).items():

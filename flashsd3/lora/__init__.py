@@ -1,4 +1,5 @@
-"""LoRA for the MMDiT in plain PyTorch: PEFT, diffusers, kohya and OneTrainer files, merged or not; trainable."""
+"""LoRA for the MMDiT in plain PyTorch: PEFT, diffusers, kohya, OneTrainer, LyCORIS and ComfyUI files, merged or not;
+trainable."""
 from .formats import LoRAError
 from .lora import LoRAInfo, load_lora, lora_info, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from .save import save_lora

@@ -14,6 +14,16 @@ Layouts (detected from the keys, never from file names):
               or absent. A fused qkv LoRA adapts the whole qkv layer.
   onetrainer  `lora_transformer_<diffusers path, '.'->'_'>.lora_down.weight` / ... / `.alpha`
               (OneTrainer `convert_sd3_lora.py`, "legacy diffusers"), same scale rule as kohya.
+  lycoris     `lycoris_<diffusers path, '.'->'_'>.lora_down.weight` / ... / `.alpha`: LyCORIS's "lora" algorithm
+              (lycoris/wrapper.py LycorisNetwork.LORA_PREFIX, save_weights), as SimpleTuner saves it with
+              --lora_type=lycoris; same scale rule. LoHa / LoKr / other LyCORIS algorithms are refused by name.
+  comfyui     `diffusion_model.<our name>.lora_up.weight` / `.lora_down.weight` [/ `.alpha`], as ComfyUI's
+              LoRA trainer (comfy_extras/nodes_train.py TrainLoraNode, SaveLoRA) and extractor
+              (comfy_extras/nodes_lora_extract.py calc_lora_model) write them: scale alpha / rank, 1.0 without
+              alpha (comfy/weight_adapter/lora.py calculate_weight); a conv's A and B may be flat 2-D matrices
+              (the trainer's). Their `.diff_b` bias differences (the default) are applied:
+              bias += user scale x diff_b (comfy/lora.py "diff" patches); `.diff` full weight differences are
+              refused by name.
 """
 from __future__ import annotations
 
@@ -23,10 +33,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .. import hub
-from ..weights import CheckpointError, Reader, SafetensorsReader, brief, listing, refuse_pickle
+from ..weights import CheckpointError, Reader, SafetensorsReader, all_finite, brief, listing, refuse_pickle
 from .keys import Target, diffusers_targets, original_targets, underscored
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -47,6 +58,8 @@ class Format:
     down: str  # key suffix of A
     up: str  # key suffix of B
     alpha: bool  # may carry `<module>.alpha` scalars
+    bias_diff: bool = False  # may carry `<module>.diff_b` bias differences (ComfyUI)
+    flat_conv: bool = False  # a conv's A and B may be stored as 2-D matrices (ComfyUI's trainer)
 
 
 _PEFT_AB, _KOHYA_AB = (".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight")
@@ -55,7 +68,10 @@ FORMATS = (
     Format("diffusers", "transformer.", "diffusers", False, *_PEFT_AB, alpha=True),
     Format("kohya", "lora_unet_", "original", True, *_KOHYA_AB, alpha=True),
     Format("onetrainer", "lora_transformer_", "diffusers", True, *_KOHYA_AB, alpha=True),
+    Format("lycoris", "lycoris_", "diffusers", True, *_KOHYA_AB, alpha=True),
+    Format("comfyui", "diffusion_model.", "original", False, *_KOHYA_AB, alpha=True, bias_diff=True, flat_conv=True),
 )
+LAYOUT_NAMES = "peft, diffusers, kohya, OneTrainer, LyCORIS (SimpleTuner), ComfyUI"
 BARE = Format("peft-bare", "", "diffusers", False, *_PEFT_AB, alpha=True)
 
 # Module names that show the file is for another model (checked after removing a layout prefix).
@@ -66,9 +82,12 @@ FOREIGN = (
 )
 FOREIGN_PREFIXES = ("base_model.model.", "transformer.", "lora_unet_", "lora_transformer_", "unet.",
                     "diffusion_model.", "model.diffusion_model.", "")
-TEXT_ENCODER = r"^(text_encoder(_2|_3)?\.|lora_te[123]?_)"
-UNSUPPORTED_KINDS = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa (LyCORIS)"),
-                     ("lokr_", "LoKr (LyCORIS)"), ("lora_B.bias", "LoRA with bias (peft lora_bias)"))
+TEXT_ENCODER = r"^(text_encoders?(_2|_3)?\.|lora_te[123]?_)"  # text_encoders.: ComfyUI's extractor
+UNSUPPORTED_KINDS = (  # (regex searched in a key, what it is)
+    ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"),
+    (r"lora_B\.bias", "LoRA with bias (peft lora_bias)"), (r"\.lora_mid\.", "LoCon with a Tucker mid weight"),
+    (r"\.diff$", "a full weight difference (.diff, ComfyUI)"), (r"\.diff_b$", "a bias difference (.diff_b)"),
+    (r"\.(w_norm|b_norm)$", "a norm-layer adapter (LyCORIS)"), (r"\.(oft_|boft_|a1\.|b1\.)", "OFT / GLoRA"))
 # adapter_config.json fields that change the forward pass beyond W + s*B@A: refused when set.
 PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "velora_config",
                     "monteclora_config", "arrow_config", "kasa_config", "use_bdlora", "layer_replication",
@@ -89,22 +108,28 @@ class Piece:
     """One LoRA module of the file, planned onto our model."""
 
     source: str  # the module's name in the file
-    a_key: str
-    b_key: str
+    a_key: str | None  # None: the module only changes the bias
+    b_key: str | None
     target: Target
     rank: int
     scale: float  # alpha / r (rsLoRA: alpha / sqrt(r)); the user's scale comes on top
+    bias_key: str | None = None  # a bias difference (ComfyUI `.diff_b`), whole layer, at the user's scale
 
 
 # Finding the files -------------------------------------------------------------------------------
 
-def open_lora(source: str | Path) -> LoRASource:
-    """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id."""
+def open_lora(source: str | Path | LoRASource) -> LoRASource:
+    """A LoRA folder (PEFT layout or one .safetensors), a .safetensors file, or a Hub repo id (an opened
+    LoRASource is returned as it is, so a caller that plans one file onto several models opens it once)."""
+    if isinstance(source, LoRASource):
+        return source
     path, label = Path(source), Path(source).name
     if not path.exists():
-        if not hub.looks_like_repo_id(str(source)):
+        if not hub.looks_like_repo_id(str(source)) or path.parent.is_dir():  # 'loras/x': a local folder's
             raise FileNotFoundError(f"LoRA not found: {source} (neither a local path nor a Hub repo id)")
         path = _download(str(source))  # a snapshot folder named by commit hash: keep the repo's name
+    if not path.is_file() and not path.is_dir():
+        raise LoRAError(f"{path}: not a file or folder (a device, pipe or socket); give a LoRA folder or file")
     if path.is_file():
         refuse_pickle(path)
         config = path.parent / PEFT_CONFIG if path.name == PEFT_WEIGHTS else None
@@ -142,6 +167,17 @@ def _source(files: list[Path], peft_config: Path | None, label: str) -> LoRASour
     return LoRASource(reader, config or None, f"{reader.name} metadata {METADATA_KEY!r}", label)
 
 
+def read_finite(reader: Reader, key: str, *, dtype: torch.dtype | None, device) -> torch.Tensor:
+    """One LoRA tensor as `dtype` (None: the file's) on `device`, refused if it holds NaN/inf (one pass, on
+    the device): such an adapter makes every image NaN, and every file written from it too."""
+    t = reader.get(key).to(device=device, dtype=dtype)
+    if not all_finite(t):
+        raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
+                        "every image would be NaN (a damaged file, a diverged training run, or values too large "
+                        "for this dtype)")
+    return t
+
+
 # Recognising the layout ----------------------------------------------------------------------------
 
 def detect_format(keys: list[str], name: str) -> Format:
@@ -163,8 +199,7 @@ def detect_format(keys: list[str], name: str) -> Format:
         raise LoRAError(f"{name}: keys of several LoRA layouts mixed: "
                         + ", ".join(f"{f.name} ({f.prefix}*: {len(claimed[f.name])})" for f in used))
     other = sorted(k for k in keys if not any(k.startswith(f.prefix) for f in used))
-    raise LoRAError(f"{name}: {len(other)} keys in no known SD3 LoRA layout (peft, diffusers, kohya, "
-                    f"OneTrainer), e.g. {other[:5]}")
+    raise LoRAError(f"{name}: {len(other)} keys in no known SD3 LoRA layout ({LAYOUT_NAMES}), e.g. {other[:5]}")
 
 
 def foreign_model(names: list[str]) -> str | None:
@@ -180,7 +215,8 @@ def foreign_model(names: list[str]) -> str | None:
 
 def group_keys(keys: list[str], fmt: Format, name: str) -> dict[str, dict[str, str]]:
     """module name (as in the file, prefix removed) -> {"A": key, "B": key[, "alpha": key]}."""
-    roles = {fmt.down: "A", fmt.up: "B", **({".alpha": "alpha"} if fmt.alpha else {})}
+    roles = {fmt.down: "A", fmt.up: "B", **({".alpha": "alpha"} if fmt.alpha else {}),
+             **({".diff_b": "bias"} if fmt.bias_diff else {})}
     modules: dict[str, dict[str, str]] = {}
     unknown = []
     for key in keys:
@@ -190,11 +226,11 @@ def group_keys(keys: list[str], fmt: Format, name: str) -> dict[str, dict[str, s
             continue
         modules.setdefault(key[len(fmt.prefix) : -len(hit)], {})[roles[hit]] = key
     if unknown:
-        kinds = sorted({what for k in unknown for part, what in UNSUPPORTED_KINDS if part in k})
+        kinds = sorted({what for k in unknown for part, what in UNSUPPORTED_KINDS if re.search(part, k)})
         hint = f" ({', '.join(kinds)} is not supported)" if kinds else ""
         raise LoRAError(f"{name}: {len(unknown)} keys are not LoRA A/B{'/alpha' if fmt.alpha else ''} "
                         f"weights of the {fmt.name} layout{hint}: {sorted(unknown)[:10]}")
-    incomplete = sorted(m for m, r in modules.items() if not {"A", "B"} <= r.keys())
+    incomplete = sorted(m for m, r in modules.items() if not {"A", "B"} <= r.keys() and set(r) != {"bias"})
     if incomplete:
         raise LoRAError(f"{name}: modules without both {fmt.down} and {fmt.up}: {incomplete[:10]}")
     return modules
@@ -220,12 +256,17 @@ def plan_lora(model: nn.Module, source: LoRASource) -> list[Piece]:
         errors += _selection_errors(config, source.config_name, modules, targets)
     pieces = []
     for module, keys in sorted(modules.items()):
-        target = lookup[module]
+        target, layer = lookup[module], model.get_submodule(lookup[module].module)
+        if "bias" in keys:
+            errors += _bias_errors(layer, target, keys["bias"], reader)
+        if "A" not in keys:  # a bias difference alone
+            pieces.append(Piece(module, None, None, target, 0, 0.0, keys["bias"]))
+            continue
         shape_a = reader.shape(keys["A"])
         rank = shape_a[0] if shape_a else 0
-        errors += _shape_errors(model.get_submodule(target.module), target, keys, reader)
+        errors += _shape_errors(layer, target, keys, reader, fmt.flat_conv)
         scale = _scale(config, source.config_name, module, keys, rank, reader, errors)
-        pieces.append(Piece(module, keys["A"], keys["B"], target, rank, scale))
+        pieces.append(Piece(module, keys["A"], keys["B"], target, rank, scale, keys.get("bias")))
     if errors:
         width = _width_mismatch(model, pieces, reader)
         shown = "\n  ".join(errors[:MAX_ERRORS]) + (f"\n  ... and {len(errors) - MAX_ERRORS} more"
@@ -240,7 +281,7 @@ def _width_mismatch(model: nn.Module, pieces: list[Piece], reader: Reader) -> st
     D-wide residual stream all read another width."""
     D = model.config.hidden_size
     widths = {reader.shape(p.a_key)[1] for p in pieces
-              if len(reader.shape(p.a_key)) == 2 and _in_features(model, p.target.module) == D}
+              if p.a_key and len(reader.shape(p.a_key)) == 2 and _in_features(model, p.target.module) == D}
     if len(widths) == 1 and widths != {D}:
         return f"adapter is for width {widths.pop()}, model has {D}"
     return None
@@ -257,7 +298,7 @@ def _checked_config(fmt: Format, source: LoRASource, modules: dict) -> dict | No
     if fmt.name == "peft" and config is None:
         raise LoRAError(f"{name}: PEFT adapter without {PEFT_CONFIG}: its scale (lora_alpha / r) is stored only "
                         "there, so it cannot be applied correctly; put the adapter_config.json beside the weights")
-    if fmt.name in ("kohya", "onetrainer") or config is None:
+    if fmt.name not in ("peft", "diffusers", "peft-bare") or config is None:  # the others: .alpha keys
         return None
     if has_alpha:
         raise LoRAError(f"{name}: both .alpha keys and a LoRA config ({where}) set the scale; refusing to choose")
@@ -313,11 +354,14 @@ def _selection_errors(config: dict, where: str, modules: dict, targets: dict[str
     return errors
 
 
-def _shape_errors(layer: nn.Module, target: Target, keys: dict, reader: SafetensorsReader) -> list[str]:
+def _shape_errors(layer: nn.Module, target: Target, keys: dict, reader: SafetensorsReader,
+                  flat_conv: bool = False) -> list[str]:
     a, b = reader.shape(keys["A"]), reader.shape(keys["B"])
     r, rows = (a[0] if a else None), target.stop - target.start
     if isinstance(layer, nn.Conv2d):  # peft / kohya: A has the layer's kernel, B is 1x1
         want = {"A": (r, layer.in_channels, *layer.kernel_size), "B": (rows, r, 1, 1)}
+        if flat_conv and len(a) == 2:  # ComfyUI's trainer: the same matrices, flattened
+            want = {"A": (r, math.prod(want["A"][1:])), "B": (rows, r)}
     else:
         want = {"A": (r, layer.in_features), "B": (rows, r)}
     where = f"our {target.module} rows {target.start}:{target.stop} of weight {list(layer.weight.shape)}"
@@ -326,6 +370,30 @@ def _shape_errors(layer: nn.Module, target: Target, keys: dict, reader: Safetens
     if "alpha" in keys and math.prod(reader.shape(keys["alpha"])) != 1:
         errors.append(f"{keys['alpha']}: shape {list(reader.shape(keys['alpha']))}, expected a scalar")
     return errors
+
+
+def _bias_errors(layer: nn.Module, target: Target, key: str, reader: SafetensorsReader) -> list[str]:
+    if layer.bias is None:
+        return [f"{key}: a bias difference for our {target.module}, which has no bias"]
+    if tuple(reader.shape(key)) != tuple(layer.bias.shape):
+        return [f"{key}: shape {list(reader.shape(key))}, expected {list(layer.bias.shape)} (the bias of our "
+                f"{target.module})"]
+    return []
+
+
+def read_piece(reader: Reader, piece: Piece, layer: nn.Module, *, dtype: torch.dtype | None, device):
+    """(A, B, bias difference or None) of a planned piece, each refused if it holds NaN/inf: A and B shaped
+    as the layer's kind wants them (a flat ComfyUI conv LoRA as conv kernels), B's rows in our order."""
+    A = B = bias = None
+    if piece.a_key is not None:
+        A = read_finite(reader, piece.a_key, dtype=dtype, device=device)
+        B = read_finite(reader, piece.b_key, dtype=dtype, device=device)
+        if isinstance(layer, nn.Conv2d) and A.ndim == 2:
+            A, B = A.reshape(A.shape[0], layer.in_channels, *layer.kernel_size), B.reshape(*B.shape, 1, 1)
+        B = piece.target.rows.to_our_rows(B)
+    if piece.bias_key is not None:
+        bias = read_finite(reader, piece.bias_key, dtype=dtype, device=device)
+    return A, B, bias
 
 
 def _scale(config: dict | None, where: str | None, module: str, keys: dict, rank: int,

@@ -1,6 +1,7 @@
 """LoRA layers: nn.Linear / nn.Conv2d subclasses that keep `.weight` and `.bias` where they were.
 
-LoRA (Hu et al., arXiv 2106.09685): y = W x + b + s * B (A x), rank r = A.shape[0], s = alpha / r.
+LoRA (Hu et al., arXiv 2106.09685): y = W x + b + s * B (A x), rank r = A.shape[0], s = alpha / r. An adapter
+may also change the bias (ComfyUI's `.diff_b`): + user scale * diff, a `BiasUpdate`.
 Each adapter contributes one or more `LoRAUpdate`s; an update changes only its own output rows, so
 diffusers' separate to_q / to_k / to_v adapters land on their thirds of our fused `qkv`.
 
@@ -49,19 +50,31 @@ class LoRAUpdate(nn.Module):
         return f"rows={self.start}:{self.stop}, rank={self.rank}, scale={self.scale:g}"
 
 
+class BiasUpdate(nn.Module):
+    """One adapter's change of the layer's bias (ComfyUI's `.diff_b`): bias + user scale * diff."""
+
+    def __init__(self, diff: torch.Tensor):
+        super().__init__()
+        self.register_buffer("diff", diff, persistent=False)  # (out,)
+
+
 class LoRALayer:
     """Adapter bookkeeping shared by LoRALinear and LoRAConv2d (mixin over the nn layer)."""
 
     lora: nn.ModuleDict  # adapter name -> ModuleList[LoRAUpdate]
+    lora_bias: nn.ModuleDict  # adapter name -> BiasUpdate, for adapters that also change the bias
     lora_scale: dict[str, float]  # adapter name -> user scale
-    lora_merged: dict[str, float]  # adapter name -> user scale that was folded into .weight
+    lora_merged: dict[str, float]  # adapter name -> user scale that was folded into .weight (and .bias)
 
     def _init_lora(self) -> None:
-        self.lora = nn.ModuleDict()
+        self.lora, self.lora_bias = nn.ModuleDict(), nn.ModuleDict()
         self.lora_scale, self.lora_merged = {}, {}
 
-    def add_adapter(self, name: str, updates: list[LoRAUpdate], scale: float) -> None:
+    def add_adapter(self, name: str, updates: list[LoRAUpdate], scale: float,
+                    bias: torch.Tensor | None = None) -> None:
         self.lora[name] = nn.ModuleList(updates)
+        if bias is not None:
+            self.lora_bias[name] = BiasUpdate(bias)
         self.lora_scale[name] = scale
 
     def active_updates(self) -> Iterator[tuple[LoRAUpdate, float]]:
@@ -72,6 +85,13 @@ class LoRALayer:
                 continue
             for update in updates:
                 yield update, user * update.scale
+
+    def active_bias(self) -> Iterator[tuple[torch.Tensor, float]]:
+        """(bias difference, user scale) for every adapter that changes the bias, is not merged nor off."""
+        for name, update in self.lora_bias.items():
+            user = self.lora_scale[name]
+            if name not in self.lora_merged and user != 0:
+                yield update.diff, user
 
     def merge(self, name: str) -> None:
         """weight += user_scale * delta of adapter `name`; the forward then skips it."""
@@ -90,6 +110,10 @@ class LoRALayer:
             rows = self.weight[update.start : update.stop]
             compute = torch.promote_types(rows.dtype, torch.float32)
             rows.copy_((rows.to(compute) + scale * update.delta_weight(compute)).to(rows.dtype))
+        if name in self.lora_bias:
+            compute = torch.promote_types(self.bias.dtype, torch.float32)
+            diff = self.lora_bias[name].diff.to(compute)
+            self.bias.copy_((self.bias.to(compute) + scale * diff).to(self.bias.dtype))
 
     def remove_adapter(self, name: str) -> None:
         if name in self.lora_merged:
@@ -99,6 +123,8 @@ class LoRALayer:
     def forget_adapter(self, name: str) -> None:
         """Drop the adapter's A, B and scale; a merged delta stays in the weight."""
         del self.lora[name], self.lora_scale[name]
+        if name in self.lora_bias:
+            del self.lora_bias[name]
         self.lora_merged.pop(name, None)
 
 
@@ -116,6 +142,8 @@ class LoRALinear(LoRALayer, nn.Linear):
         for update, s in self.active_updates():
             A, B = update.A.to(x.dtype), update.B.to(x.dtype)  # fp32 trainable adapters on a bf16 model
             out[..., update.start : update.stop].add_(F.linear(F.linear(x, A), B), alpha=s)
+        for diff, s in self.active_bias():
+            out.add_(diff.to(out.dtype), alpha=s)
         return out
 
     def plain(self) -> nn.Linear:
@@ -141,6 +169,8 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         for update, s in self.active_updates():
             h = self._conv_forward(x, update.A.to(x.dtype), None)  # (B, r, h, w): same kernel, stride and padding
             out[:, update.start : update.stop].add_(F.conv2d(h, update.B.to(x.dtype)), alpha=s)
+        for diff, s in self.active_bias():
+            out.add_(diff.to(out.dtype)[:, None, None], alpha=s)  # (out, 1, 1) over (B, out, h, w)
         return out
 
     def plain(self) -> nn.Conv2d:

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..weights import all_finite
-from .formats import LoRAError, Piece, open_lora, plan_lora
+from .formats import LoRAError, open_lora, plan_lora, read_piece
 from .layers import LoRALayer, LoRAUpdate, wrap
 
 
@@ -32,7 +31,7 @@ class LoRAInfo:
     merged: bool
     layers: int  # our layers it adapts (q, k and v share one qkv layer)
     updates: int  # LoRA modules of the file
-    params: int  # values in A and B
+    params: int  # values in A and B (and bias differences)
 
 
 def load_lora(model: nn.Module, source: str | Path, *, scale: float = 1.0, name: str | None = None) -> str:
@@ -45,11 +44,17 @@ def load_lora(model: nn.Module, source: str | Path, *, scale: float = 1.0, name:
     name = _new_name(model, name, src.label)
     pieces = plan_lora(model, src)
     by_layer: dict[str, list[LoRAUpdate]] = {}
+    biases: dict[str, torch.Tensor] = {}
     for piece in pieces:  # read everything before touching the model
         layer = model.get_submodule(piece.target.module)
-        by_layer.setdefault(piece.target.module, []).append(_update(piece, src.reader, layer.weight))
+        A, B, bias = read_piece(src.reader, piece, layer, dtype=layer.weight.dtype, device=layer.weight.device)
+        updates = by_layer.setdefault(piece.target.module, [])
+        if A is not None:
+            updates.append(LoRAUpdate(A, B, piece.target.start, piece.target.stop, piece.scale))
+        if bias is not None:
+            biases[piece.target.module] = bias
     for module, updates in by_layer.items():
-        _lora_layer(model, module).add_adapter(name, updates, scale)
+        _lora_layer(model, module).add_adapter(name, updates, scale, biases.get(module))
     return name
 
 
@@ -110,26 +115,11 @@ def lora_info(model: nn.Module) -> dict[str, LoRAInfo]:
             entry[2] += 1
             entry[3] += len(updates)
             entry[4] += sum(u.A.numel() + u.B.numel() for u in updates)
+            entry[4] += layer.lora_bias[name].diff.numel() if name in layer.lora_bias else 0
     return {name: LoRAInfo(name, *entry) for name, entry in found.items()}
 
 
 # Helpers -----------------------------------------------------------------------------------------
-
-def _update(piece: Piece, reader, weight: torch.Tensor) -> LoRAUpdate:
-    """A and B in the layer's dtype and device, B's rows in our order (the key table's transform)."""
-    A, B = (_read(reader, key, weight) for key in (piece.a_key, piece.b_key))
-    return LoRAUpdate(A, piece.target.rows.to_our_rows(B), piece.target.start, piece.target.stop, piece.scale)
-
-
-def _read(reader, key: str, weight: torch.Tensor) -> torch.Tensor:
-    """One LoRA tensor in the layer's dtype and device, refused if it holds NaN/inf (one pass, on the device)."""
-    t = reader.get(key).to(device=weight.device, dtype=weight.dtype)
-    if not all_finite(t):
-        raise LoRAError(f"{reader.source_of(key)}: LoRA tensor {key!r} holds NaN or inf values in {t.dtype}, so "
-                        "every image would be NaN (a damaged file, a diverged training run, or values too large "
-                        "for this dtype)")
-    return t
-
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}

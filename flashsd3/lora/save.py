@@ -12,7 +12,8 @@
              B block-diagonal, rank 3r), as sd-scripts writes them.
 
 The user scale (`set_lora_scale`, `lora_scaled`) is not saved: a file holds the adapter at alpha / r.
-Each file is written to a temporary name beside its destination and renamed (atomic on POSIX).
+Each file is written to a temporary name beside its destination and renamed (flashsd3.outputs.atomic_write),
+with the mode `open` would give it under the umask.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..outputs import atomic_write
+from ..weights import all_finite
 from .formats import METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoRAError, peft_selects
 from .keys import diffusers_targets
 from .train import FLASH_SD3_TARGETS, adapter_layers, our_rows
@@ -52,33 +56,71 @@ class Module:
 
 
 def save_lora(model: nn.Module, path: str | Path, *, name: str = "default", format: str = "peft",
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, overwrite: bool = True) -> Path:
     """Write adapter `name` to `path`; returns the weights file written.
 
     peft: `path` is a folder (created). diffusers / kohya: a `.safetensors` file, or a folder that gets
     `pytorch_lora_weights.safetensors` / `lora.safetensors`. dtype: of A and B in the file (default: as held).
+    overwrite=False refuses to replace an existing file; a destination of another kind (a folder where the
+    file goes, a device or pipe) is always refused. Everything is checked before anything is written.
     """
-    path = Path(path)
-    if format not in OUT_FORMATS:
-        raise LoRAError(f"save_lora: format must be one of {OUT_FORMATS}, got {format!r}")
+    files = destination(path, format, overwrite)
     if format == "peft":
-        if path.suffix == ".safetensors":
-            raise LoRAError(f"save_lora: the peft layout is a folder ({PEFT_WEIGHTS} + {PEFT_CONFIG}), got {path}")
         tensors, config = peft_layout(model, name)
-        path.mkdir(parents=True, exist_ok=True)
-        weights = path / PEFT_WEIGHTS
-        _write_tensors(weights, tensors, {"format": "pt"}, dtype)
-        _atomic(path / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-        return weights
-    default = DIFFUSERS_WEIGHTS if format == "diffusers" else KOHYA_WEIGHTS
-    weights = path if path.suffix == ".safetensors" else path / default
-    weights.parent.mkdir(parents=True, exist_ok=True)
+        out = _checked_tensors(tensors, dtype)
+        files[0].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(files[0], lambda tmp: save_file(out, str(tmp), metadata={"format": "pt"}))
+        atomic_write(files[1], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        return files[0]
     if format == "diffusers":
         tensors, metadata = diffusers_layout(model, name)
     else:
         tensors, metadata = kohya_layout(model, name), {"format": "pt"}
-    _write_tensors(weights, tensors, metadata, dtype)
-    return weights
+    out = _checked_tensors(tensors, dtype)
+    files[0].parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(files[0], lambda tmp: save_file(out, str(tmp), metadata=metadata))
+    return files[0]
+
+
+def destination(path: str | Path, format: str, overwrite: bool) -> list[Path]:
+    """The files `save_lora` writes for `path` (weights first), checked: no folder or special file where a
+    file goes, no file where a folder goes, no existing file unless `overwrite`. Creates nothing."""
+    path = Path(path)
+    if format not in OUT_FORMATS:
+        raise LoRAError(f"save_lora: format must be one of {OUT_FORMATS}, got {format!r}")
+    if format == "peft" and path.suffix == ".safetensors":
+        raise LoRAError(f"save_lora: the peft layout is a folder ({PEFT_WEIGHTS} + {PEFT_CONFIG}), got {path}")
+    if format == "peft":
+        folder, files = path, [path / PEFT_WEIGHTS, path / PEFT_CONFIG]
+    elif path.suffix == ".safetensors":
+        folder, files = path.parent, [path]
+    else:
+        folder = path
+        files = [path / (DIFFUSERS_WEIGHTS if format == "diffusers" else KOHYA_WEIGHTS)]
+    _check_folder(folder)
+    for file in files:
+        if os.path.lexists(file) and not (file.is_symlink() or file.is_file()):  # a link is replaced, not followed
+            raise LoRAError(f"{file} exists and is not a file ({_kind(file)}); give another destination")
+        if os.path.lexists(file) and not overwrite:
+            raise LoRAError(f"{file} exists; pass --overwrite to replace it (or give another destination)")
+    return files
+
+
+def _check_folder(folder: Path) -> None:
+    """`folder` and its existing ancestors must be folders (mkdir creates the missing ones)."""
+    for p in (folder, *folder.parents):
+        if p.is_dir():
+            return
+        if os.path.lexists(p):
+            raise LoRAError(f"{p} exists and is not a folder ({_kind(p)}); the LoRA cannot be written under it")
+
+
+def _kind(p: Path) -> str:
+    mode = p.lstat().st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISLNK, "a symbolic link"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 # Layouts: key -> tensor (no I/O, so they run on a meta-device model) ------------------------------------
@@ -118,6 +160,7 @@ def kohya_layout(model: nn.Module, name: str = "default") -> dict[str, torch.Ten
 def diffusers_modules(model: nn.Module, name: str) -> list[Module]:
     """The adapter per diffusers layer, in model order. An update over a fused layer (our qkv) becomes
     one module per diffusers layer it covers (same A, B's rows); (scale, shift) rows are swapped back."""
+    _refuse_bias(model, name)
     by_layer: dict[str, list[tuple[str, object]]] = {}
     for dname, target in diffusers_targets(model).items():
         by_layer.setdefault(target.module, []).append((dname, target))
@@ -142,6 +185,7 @@ def kohya_modules(model: nn.Module, name: str) -> list[Module]:
     """The adapter per our layer, in model order. Several updates of one layer (q, k, v on qkv) or one
     that covers some rows only are written as one LoRA: A stacked, B placed on its rows (block-diagonal),
     each B times its scale / the first update's scale, so that one alpha serves all."""
+    _refuse_bias(model, name)
     modules = []
     for module, layer in adapter_layers(model, name):
         updates = list(layer.lora[name])
@@ -158,6 +202,13 @@ def kohya_modules(model: nn.Module, name: str) -> list[Module]:
             col += u.rank
         modules.append(Module(module, torch.cat([u.A.detach() for u in updates], dim=0), B, scale))
     return modules
+
+
+def _refuse_bias(model: nn.Module, name: str) -> None:
+    biased = [module for module, layer in adapter_layers(model, name) if name in layer.lora_bias]
+    if biased:
+        raise LoRAError(f"adapter {name!r} changes the biases of {len(biased)} layers (ComfyUI .diff_b, e.g. "
+                        f"{biased[:2]}), which the peft, diffusers and kohya layouts cannot hold")
 
 
 def peft_config(model: nn.Module, modules: list[Module]) -> dict:
@@ -187,8 +238,9 @@ def _number(x: float) -> int | float:
 
 # Writing ----------------------------------------------------------------------------------------------
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                   dtype: torch.dtype | None) -> None:
+def _checked_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU copies in the file's dtype, refused if any is on the meta device or holds NaN/inf (every loader
+    of ours refuses such a file; a value may also overflow the asked dtype)."""
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
         raise LoRAError(f"save_lora: {len(meta)} tensors are on the meta device (no values), e.g. {meta[:2]}")
@@ -196,13 +248,8 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     for key, t in tensors.items():  # own copies: safetensors refuses tensors sharing memory (q/k/v share A)
         t = t.detach().to("cpu")
         out[key] = (t.to(dtype) if dtype is not None and key.endswith(".weight") else t).clone().contiguous()
-    _atomic(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
+        if not all_finite(out[key]):
+            cast = f" (after the cast to {dtype}: values too large for it?)" if dtype is not None else ""
+            raise LoRAError(f"save_lora: {key} holds NaN or inf{cast}; nothing was written")
+    return out
 
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -3,10 +3,12 @@
 `add_lora` makes the adapters peft makes for the same `LoraConfig` on diffusers' SD3Transformer2DModel
 (peft 0.21.2 `tuners/lora/layer.py` reset_lora_parameters): A ~ kaiming_uniform(a=sqrt(5)), B = 0, so
 the model is unchanged at step 0; scale alpha / r. Adapters follow diffusers' module granularity, so
-q, k and v get three adapters on their thirds of our fused `qkv`, as in a peft file. A and B are fp32
-nn.Parameters (in the model's state dict, under `<layer>.lora.<name>.<i>.A`); every other parameter of
-the model is frozen. The forward casts A and B to the activations' dtype (lora/layers.py), so a bf16
-base trains fp32 adapters the way autocast would.
+q, k and v get three adapters on their thirds of our fused `qkv`, as in a peft file. A and B are
+nn.Parameters (in the model's state dict, under `<layer>.lora.<name>.<i>.A`) in the wider of float32 and
+the base weight's dtype, as peft makes them (`tuners/tuners_utils.py`: `_move_adapter_to_device_of_base_layer`
+gives them the base weight's dtype, `cast_adapter_dtype` lifts float16/bfloat16 to float32; a float64 base
+trains float64 adapters); every other parameter of the model is frozen. The forward casts A and B to the
+activations' dtype (lora/layers.py), so a bf16 base trains fp32 adapters the way autocast would.
 
 A distillation teacher is the same module with its adapters off (`lora_disabled`), no weight copied.
 """
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FLASH_SD3_ADAPTER
-from .formats import LoRAError, open_lora, peft_selects, plan_lora
+from .formats import LoRAError, LoRASource, open_lora, peft_selects, plan_lora, read_piece
 from .keys import Target, diffusers_targets, original_targets
 from .layers import LoRALayer, LoRAUpdate
 from .lora import _lora_layer, _lora_layers, _names, _new_name, lora_info
@@ -33,7 +35,7 @@ FLASH_SD3_TARGETS = FLASH_SD3_ADAPTER.target_modules
 
 
 def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: str | Sequence[str] = "flash-sd3",
-             name: str = "default", dtype: torch.dtype = torch.float32,
+             name: str = "default", dtype: torch.dtype | None = None,
              generator: torch.Generator | None = None) -> str:
     """Add a trainable adapter (A random, B = 0, scale alpha / rank); freeze every non-adapter parameter.
 
@@ -44,7 +46,9 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: str | Sequen
 
     Call it after loading the base weights: A and B join the model's state dict (`<layer>.lora.<name>.<i>.A`),
     so a base checkpoint no longer loads strictly into the adapted model; `lora_state_dict` / `save_lora`
-    hold the adapter alone. `generator` seeds A (DDP ranks start equal anyway: DDP broadcasts rank 0's).
+    hold the adapter alone. dtype: of A and B (default: the wider of float32 and each base weight's dtype).
+    `generator`: a CPU generator A is drawn from (on the CPU, then moved to the layer's device, so the same
+    seed gives the same adapters on any device); None draws from the global generator of the layer's device.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LoRAError(f"add_lora: rank must be a positive int, got {rank!r}")
@@ -108,13 +112,16 @@ def _new_update(layer: nn.Module, target: Target, rank: int, scale: float, dtype
     """peft's init: A kaiming-uniform with a = sqrt(5) (bound 1 / sqrt(fan_in)), B zeros. A conv gets a
     conv A with the layer's kernel and a 1x1 conv B."""
     rows, device = target.stop - target.start, layer.weight.device
+    dtype = dtype or torch.promote_types(layer.weight.dtype, torch.float32)
     if isinstance(layer, nn.Conv2d):
         a_shape, b_shape = (rank, layer.in_channels, *layer.kernel_size), (rows, rank, 1, 1)
     else:
         a_shape, b_shape = (rank, layer.in_features), (rows, rank)
-    A = torch.empty(a_shape, device=device, dtype=dtype)
+    draw_on = device if generator is None or device.type == "meta" else generator.device
+    A = torch.empty(a_shape, device=draw_on, dtype=dtype)
     if not A.is_meta:
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    A = A.to(device)
     B = torch.zeros(b_shape, device=device, dtype=dtype)  # rows in our order (for swapped targets too)
     return LoRAUpdate(nn.Parameter(A), nn.Parameter(B), target.start, target.stop, scale)
 
@@ -189,19 +196,25 @@ def make_trainable(model: nn.Module, name: str, dtype: torch.dtype = torch.float
     freeze_base(model)
 
 
-def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | None = None,
+def load_trainable_lora(model: nn.Module, source: str | Path | LoRASource, *, name: str | None = None,
                         dtype: torch.dtype | None = torch.float32, device: torch.device | str | None = None) -> str:
     """Add the LoRA file at `source` (any layout load_lora reads) as a trainable adapter: A and B as
-    `dtype` Parameters (None: the file's dtype) on `device` (None: each layer's device)."""
+    `dtype` Parameters (None: the file's dtype) on `device` (None: each layer's device). A bias difference
+    (ComfyUI `.diff_b`) that is not all zero is refused: it is neither trained nor saved by save_lora."""
     src = open_lora(source)
     name = _new_name(model, name, src.label)
     by_layer: dict[str, list[LoRAUpdate]] = {}
     for piece in plan_lora(model, src):
-        weight = model.get_submodule(piece.target.module).weight
-        kw = dict(dtype=dtype, device=weight.device if device is None else device)
-        A, B = src.reader.get(piece.a_key).to(**kw), our_rows(piece.target, src.reader.get(piece.b_key).to(**kw))
-        update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
-        by_layer.setdefault(piece.target.module, []).append(update)
+        layer = model.get_submodule(piece.target.module)
+        A, B, bias = read_piece(src.reader, piece, layer, dtype=dtype,
+                                device=layer.weight.device if device is None else device)
+        if bias is not None and bool(bias.any()):
+            raise LoRAError(f"{src.reader.source_of(piece.bias_key)}: {piece.bias_key!r} changes the bias of our "
+                            f"{piece.target.module}; load_lora applies such bias differences (ComfyUI), but they "
+                            "cannot be trained or saved in the peft, diffusers or kohya layouts")
+        if A is not None:  # an all-zero bias difference changes nothing: dropped
+            update = LoRAUpdate(nn.Parameter(A), nn.Parameter(B), piece.target.start, piece.target.stop, piece.scale)
+            by_layer.setdefault(piece.target.module, []).append(update)
     for module, updates in by_layer.items():
         _lora_layer(model, module).add_adapter(name, updates, 1.0)
     freeze_base(model)
@@ -214,7 +227,7 @@ def load_trainable_lora(model: nn.Module, source: str | Path, *, name: str | Non
 def lora_scaled(model: nn.Module, scale: float, names: list[str] | None = None) -> Iterator[None]:
     """Run with the user scale of adapters `names` (default: all) set to `scale`; restored on exit, also
     on an exception. Nothing is copied; under activation checkpointing the recomputation in backward
-    uses the scales of the forward pass (mmdit/model.py), so the context may end before backward."""
+    uses the scales of the forward pass (lora/checkpointing.py), so the context may end before backward."""
     names = _names(model, names)
     layers = [layer for layer in _lora_layers(model).values() if any(n in layer.lora for n in names)]
     merged = sorted({n for layer in layers for n in names if n in layer.lora_merged})

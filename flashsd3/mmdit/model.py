@@ -15,13 +15,11 @@ single-file checkpoint loads by stripping `model.diffusion_model.`; diffusers na
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDiTConfig
 from .blocks import FinalLayer, JointBlock
@@ -72,9 +70,6 @@ class MMDiT(nn.Module):
             for i in range(c.depth)
         )
         self.final_layer = FinalLayer(D, c.patch_dim)
-        # True: keep only each joint block's inputs while the graph is built and recompute the block
-        # in backward (torch.utils.checkpoint), trading one more forward for activation memory.
-        self.activation_checkpointing = False
 
     @torch.no_grad()
     def init_weights(self) -> MMDiT:
@@ -127,12 +122,15 @@ class MMDiT(nn.Module):
         *,
         skip_blocks: tuple[int, ...] | list[int] = (),
         capture: Capture | None = None,
+        controlnet_residuals=None,
     ) -> torch.Tensor:
         """latents (B, C, H, W), timestep (B,) in [0, 1000], context (B, L, context_dim),
         pooled (B, pooled_dim) -> velocity (B, C, H, W).
 
         skip_blocks: indices of joint blocks to bypass (both streams pass through unchanged), as
         diffusers' `skip_layers`.
+        controlnet_residuals: `flashsd3.controlnet.ControlNetResiduals`, added to the image stream after the
+        blocks it maps to (diffusers' `block_controlnet_hidden_states`).
         """
         B, _, H, W = latents.shape
         p = self.config.patch_size
@@ -145,34 +143,13 @@ class MMDiT(nn.Module):
                 pass
             elif capture is not None and capture.attn_probs_of == i:
                 ctx, x, capture.attn_probs = _with_attn_probs(block, ctx, x, vec)
-            elif self.activation_checkpointing and torch.is_grad_enabled():
-                ctx, x = checkpoint(block, ctx, x, vec, use_reentrant=False,
-                                    context_fn=lambda b=block: _same_lora_scales(b))
             else:
                 ctx, x = block(ctx, x, vec)
+            if controlnet_residuals is not None:
+                x = controlnet_residuals.add_to(x, i, self.config.depth)
             if capture is not None and capture.blocks:
                 capture.block_outputs.append((ctx, x))
 
         patches = self.final_layer(x, vec)  # (B, N, p*p*C)
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
-
-def _same_lora_scales(block: nn.Module):
-    """checkpoint context_fn: recompute a block under the LoRA scales of its forward pass, which a
-    `lora_scaled` / `lora_disabled` context (flashsd3.lora) may have restored before backward."""
-    layers = [m for m in block.modules() if hasattr(m, "lora_scale")]  # LoRA layers, see lora/layers.py
-    scales = [dict(m.lora_scale) for m in layers]
-
-    @contextmanager
-    def recompute():
-        now = [dict(m.lora_scale) for m in layers]
-        for m, s in zip(layers, scales, strict=True):
-            m.lora_scale.update(s)
-        try:
-            yield
-        finally:
-            for m, s in zip(layers, now, strict=True):
-                m.lora_scale.clear()
-                m.lora_scale.update(s)
-
-    return nullcontext(), recompute()

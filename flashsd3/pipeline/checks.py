@@ -1,8 +1,8 @@
-"""Checks of the pipeline's arguments from Python (each a ValueError naming the argument) and the
-FloatingPointError for non-finite results, which says what is known instead of guessing."""
+"""Checks of the pipeline's Python-only arguments (each a ValueError naming the argument) and the
+FloatingPointError for non-finite results, which says what is known instead of guessing. The rules the
+CLI shares (size, seed range, steps, strength, edit size, skip-layer guidance) are in `flashsd3.rules`."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -26,26 +26,9 @@ def check_count(n, what: str = "num_images_per_prompt") -> int:
     return int(n)
 
 
-def check_number(v, what: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False) -> float:
-    """A finite real number within [low, high] ((low, high] if low_open)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"{what} must be a finite number, got {_show(v)}")
-    if low is not None and (v < low or (low_open and v == low)) or high is not None and v > high:
-        lo = "(" if low_open else "["
-        raise ValueError(f"{what} must be in {lo}{low}, {high}], got {v!r}")
-    return float(v)
-
-
 def check_output_type(output_type) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-
-
-def check_skip_layers(layers: tuple[int, ...], depth: int) -> None:
-    bad = [i for i in layers if i >= depth]
-    if bad:
-        raise ValueError(f"skip_guidance_layers {bad} beyond the model's {depth} joint blocks (0..{depth - 1})")
 
 
 def check_finite(t: torch.Tensor, what: str, context: str = "") -> None:

@@ -16,11 +16,20 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEMO, DEMO_VAE
+from ..config import DEMO
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
 from ..precision import resolve_dtype
 from ..recipes import FLASH_SD3, Recipe, default_recipe, get_recipe, override
+from ..rules import (
+    check_size,
+    check_skip_layers,
+    check_slg_window,
+    check_steps,
+    check_strength,
+    check_strength_leaves_a_step,
+    edit_start,
+)
 from ..sampling import (
     InpaintConstraint,
     cfg_denoiser,
@@ -32,7 +41,8 @@ from ..sampling import (
 )
 from ..text_encoders import TextEncoders
 from ..vae import VAE, load_vae
-from .checks import check_count, check_finite, check_number, check_output_type, check_prompts, check_skip_layers
+from .checks import check_count, check_finite, check_output_type, check_prompts
+from .control import ControlledModel, control_images, control_size, controlled_model
 from .noise import check_seed, random_source
 
 DEFAULT_SIZE = 1024  # SD3's training resolution (diffusers: transformer sample_size 128 x VAE factor 8)
@@ -69,6 +79,7 @@ class FlashSD3Pipeline:
         self.recipe = get_recipe(recipe if recipe is not None else FLASH_SD3).replace(shift=shift)
         self.offload_text_encoders = offload_text_encoders  # move the text encoders to CPU after encoding
         self.loras: list[tuple[str, float]] = []  # (source, scale) loaded by from_pretrained, merged or not
+        self.controlnets: list = []  # flashsd3.load_controlnet(...) models, used by calls given control_image
 
     @property
     def device(self) -> torch.device:
@@ -136,13 +147,12 @@ class FlashSD3Pipeline:
         """The whole pipeline at toy width with random weights (config DEMO): runs anywhere in seconds,
         needs no download, and makes noise-like images by design. dtype: float32 by default (training and
         the tests build their reference from it); "auto" as `from_pretrained` (flashsd3-sample --demo)."""
-        from ..demo import demo_text_encoders
+        from ..demo import demo_text_encoders, demo_transformer_and_vae
 
         dtype = resolve_dtype(dtype, device)
-        torch.manual_seed(seed)
-        transformer = MMDiT(DEMO).to(device, dtype).eval()
-        vae = VAE(DEMO_VAE).to(device, dtype).eval()
-        return cls(transformer, vae, demo_text_encoders(DEMO, seed).to(device, dtype))
+        transformer, vae = demo_transformer_and_vae(seed)
+        text = demo_text_encoders(DEMO, seed).to(device, dtype)
+        return cls(transformer.to(device, dtype), vae.to(device, dtype), text)
 
     # Tasks --------------------------------------------------------------------------------------
 
@@ -175,6 +185,11 @@ class FlashSD3Pipeline:
         noise: Sequence[torch.Tensor] | Callable | None = None,
         output_type: str = "pil",
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        control_mask=None,
     ) -> PipelineOutput:
         """Generate images from text; with `image` (+ `strength`) edit it (img2img), with `image` and `mask`
         repaint the mask's white region (prefer `img2img` / `inpaint`, which call this).
@@ -185,6 +200,9 @@ class FlashSD3Pipeline:
         seed + k (or seed[k]), reproducible across devices and batch compositions; `generator` instead
         draws for the whole batch at once. latents: the initial noise; noise: the sampler's re-noise
         draws. `prompt_embeds` = (context, pooled) replaces the text encoders.
+        control_image: one per ControlNet in `self.controlnets` (a list for several), each with its scale and its
+        start/stop fractions of the steps (diffusers' names); control_mask: the inpainting ControlNet's mask
+        (default `mask`). Without height/width a txt2img output has the control image's size.
         """
         check_output_type(output_type)
         rec = self.settings(recipe, steps=num_steps, guidance=guidance, sampler=sampler,
@@ -198,11 +216,20 @@ class FlashSD3Pipeline:
         cond, uncond = self.conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                          num_images_per_prompt, rec)
         edit = self.prepare_edit(image, mask, strength, height, width, batch, rng)  # None for txt2img
+        resize = height is not None  # control images are resized only to an explicit size
+        if control_image is not None and edit is None:
+            height, width = control_size(control_images(self, control_image), height, width, self.image_factor)
         sched = self.schedule(rec, sigmas, edit)
+        if rec.slg is not None and rec.cfg:  # on the whole table: an edit runs its last steps
+            full = len(sched) - 1 if edit is None else (len(sigmas) - 1 if sigmas is not None else rec.steps)
+            check_slg_window(rec.slg.start, rec.slg.stop, full, None if edit is None else edit.strength)
         x, start_noise = self.initial_latents(latents, batch, height, width, rng, edit, sched[0])
         inpaint = None if edit is None or edit.mask is None else \
             InpaintConstraint(edit.latents, start_noise, edit.mask, sched)
-        denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint)
+        model = None if control_image is None else controlled_model(
+            self, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            control_mask if control_mask is not None else mask, batch, x.shape, rng, len(sched) - 1, resize)
+        denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint, model)
         x = self.sample(rec.sampler, denoise, x, sched, rng, noise, callback, inpaint)
         return self.output(x, output_type, seeds)
 
@@ -210,12 +237,21 @@ class FlashSD3Pipeline:
         """Edit `image` (PIL, or (B, 3, H, W) in [0, 1]): encode it, noise it to the sigma where `strength`
         of the schedule remains (diffusers' get_timesteps: start index int(n - n * strength)), run the rest.
         Output size: the image's, or height/width (the image is then resized). Other keywords: `__call__`."""
+        if image is None:
+            raise ValueError("img2img needs an image (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]), got "
+                             "image=None")
         return self(prompt, image=image, strength=strength, **kwargs)
 
     def inpaint(self, prompt, image, mask, *, strength: float = INPAINT_STRENGTH, **kwargs) -> PipelineOutput:
         """Repaint the white part of `mask` (same size as `image`; binarised at 0.5) and keep the rest: the
         kept region follows the image's own noising at every step (diffusers' StableDiffusion3InpaintPipeline
         latent blend). strength < 1 starts the repainted region from the noised image instead of noise."""
+        if image is None:
+            raise ValueError("inpaint needs an image (PIL image(s), or a (B, 3, H, W) tensor in [0, 1]), got "
+                             "image=None")
+        if mask is None:  # without one the whole image would be repainted: that is img2img at this strength
+            raise ValueError("inpaint needs a mask (white = repaint, black = keep), got mask=None; to change "
+                             "the whole image use img2img")
         return self(prompt, image=image, mask=mask, strength=strength, **kwargs)
 
     # Parts --------------------------------------------------------------------------------------
@@ -224,17 +260,15 @@ class FlashSD3Pipeline:
         """The call's recipe: `recipe` (default the pipeline's) with `recipes.override` applied, checked
         against this model (skip-layer indices within its depth)."""
         rec = override(get_recipe(recipe if recipe is not None else self.recipe), **overrides)
+        check_steps(rec.steps, "num_steps")
         if rec.slg is not None:
             check_skip_layers(rec.slg.layers, self.transformer.config.depth)
         return rec
 
     def check_size(self, height: int, width: int) -> None:
-        f, table = self.image_factor, self.transformer.config.pos_embed_max_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % f:
-                raise ValueError(f"{name} must be a positive multiple of {f} (VAE x patch size), got {v!r}")
-            if v // f > table:
-                raise ValueError(f"{name} {v} exceeds the position table: at most {table * f} pixels")
+        """The output size against this model (`rules.check_size`: a multiple of the factor, within the
+        position table)."""
+        check_size(self.transformer.config, height, width, vae_downscale=self.vae.downscale)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +322,7 @@ class FlashSD3Pipeline:
             return None
         if strength is None:
             strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
-        strength = check_number(strength, "strength", low=0.0, high=1.0, low_open=True)
+        strength = check_strength(strength, "strength")
         if mask is not None:
             check_mask_matches(image, mask)
         height, width = output_size(image, height, width, self.image_factor)
@@ -312,8 +346,9 @@ class FlashSD3Pipeline:
         sched = check_sigmas(sigmas) if sigmas is not None else get_sampler(rec.sampler).sigmas(rec.steps, rec.shift)
         if edit is None:
             return sched
-        n = len(sched) - 1  # diffusers get_timesteps: t_start = int(max(n - min(n * strength, n), 0))
-        return sched[int(max(n - min(n * edit.strength, n), 0)):]
+        n = len(sched) - 1
+        check_strength_leaves_a_step(edit.strength, n, steps="num_steps" if sigmas is None else "sigmas steps")
+        return sched[edit_start(n, edit.strength):]
 
     def initial_latents(self, latents, batch, height, width, rng, edit: Edit | None, sigma) -> tuple:
         """(x at sigmas[0], the initial noise): noise for txt2img; for edits the image noised to sigma."""
@@ -335,13 +370,16 @@ class FlashSD3Pipeline:
             return noise.to(self.dtype), noise
         return forward_process(edit.latents, noise, sigma), noise  # diffusers scheduler.scale_noise
 
-    def denoiser(self, cond, uncond, rec: Recipe, num_steps: int, inpaint: InpaintConstraint | None):
-        """velocity model -> CFG -> skip-layer guidance -> inpainting constraint, each optional."""
+    def denoiser(self, cond, uncond, rec: Recipe, num_steps: int, inpaint: InpaintConstraint | None,
+                 model: ControlledModel | None = None):
+        """velocity model (+ ControlNets) -> CFG -> skip-layer guidance -> inpainting constraint, each optional."""
+        model_fn = self.transformer if model is None else model
         if rec.slg is not None and rec.cfg:
-            denoise = skip_layer_denoiser(self.transformer, cond, uncond, rec.guidance, rec.slg, num_steps)
+            denoise = skip_layer_denoiser(model_fn, cond, uncond, rec.guidance, rec.slg, num_steps)
         else:
-            denoise = cfg_denoiser(self.transformer, cond, uncond, rec.guidance)
-        return denoise if inpaint is None else inpaint.wrap(denoise)
+            denoise = cfg_denoiser(model_fn, cond, uncond, rec.guidance)
+        denoise = denoise if inpaint is None else inpaint.wrap(denoise)
+        return denoise if model is None else model.track(denoise)
 
     def sample(self, name: str, denoise, x, sched, rng, noise, callback, inpaint: InpaintConstraint | None):
         """Run the recipe's sampler; a stochastic one draws its re-noise from `rng` unless `noise` is given."""

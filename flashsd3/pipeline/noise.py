@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from ..rules import check_seed as check_seed_range
+
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64)
 
 
@@ -44,9 +46,7 @@ def check_seed(seed, count: int) -> list[int] | None:
     if seed is None:
         return None
     if _is_int(seed):
-        if not 0 <= seed <= MAX_SEED - (count - 1):
-            raise ValueError(f"seed must be an int in [0, 2**64 - {count}] for {count} image(s) (image k uses "
-                             f"seed + k < 2**64), got {seed}")
+        check_seed_range(seed, count, "seed")
         return image_seeds(int(seed), count)
     if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
         raise ValueError(f"seed must be an int or a list of ints, got {type(seed).__name__} {seed!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..rules import slg_guides
 from .flow_match import Denoiser, cfg_combine, forward_process
 
 
@@ -44,7 +45,7 @@ class SkipLayerGuidance:
 
     def active(self, step: int, num_steps: int) -> bool:
         """Whether step `step` (0-based) of `num_steps` gets the extra pass (diffusers' and Stability's rule)."""
-        return num_steps * self.start < step < num_steps * self.stop
+        return slg_guides(step, num_steps, self.start, self.stop)
 
 
 def skip_layer_denoiser(model_fn: Callable[..., torch.Tensor], cond: Sequence[torch.Tensor],

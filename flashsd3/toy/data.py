@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..rng import offset_generator
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -107,4 +109,4 @@ def make_batch(n: int, generator: torch.Generator, resolution: int = 16) -> tupl
 
 def make_dataset(n: int, seed: int, resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed set of n (images, labels), the same for the same seed on every machine."""
-    return make_batch(n, torch.Generator().manual_seed(seed), resolution)
+    return make_batch(n, offset_generator(seed), resolution)

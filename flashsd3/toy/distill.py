@@ -1,11 +1,12 @@
 """Flash Diffusion distillation of the toy teacher into a 1-4 step LoRA student, and the student rows of the table.
 
-The method is flashsd3.training.flash unchanged (recipe, losses, one iteration); only sizes change for a CPU: pixel
-space (L2 distillation, no VAE/LPIPS), learnt attribute tokens with the learnt empty prompt as the CFG negative, a
-guidance range around the toy's own CFG scale, shorter phases, a bigger learning rate, and a discriminator head
-sized for 16x16 inputs. Options, each named: `bank` (precomputed teacher trajectories instead of noised data + live
-solves: not the recipe), `modes="sampler"` (mixture modes at the 4-step sampler's sigmas), `disc_blocks`
-(intended-features discriminator).
+The method is flashsd3.training.flash unchanged (recipe, losses, one iteration, the training loop's optimizer
+step); only sizes change for a CPU: pixel space (L2 distillation, no VAE/LPIPS), learnt attribute tokens with the
+learnt empty prompt as the CFG negative, a guidance range around the toy's own CFG scale, shorter phases, a bigger
+learning rate, and a discriminator head sized for 16x16 inputs: `TOY_FLASH = replace(FlashRecipe(), ...)`.
+Options, each named: `bank` (precomputed teacher trajectories instead of noised data + live solves: not the
+recipe; a start-point function, `bank_start`), `mixture_modes="sampler"` (mixture modes at the 4-step sampler's
+sigmas), `disc_blocks` (intended-features discriminator).
 """
 from __future__ import annotations
 
@@ -14,57 +15,61 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import rng
 from ..lora import add_lora, lora_disabled, lora_parameters
 from ..sampling import flash_sigmas, flow_match_sigmas, sample_flash
 from ..sampling.flow_match import euler_step, loop_timesteps
 from ..training.flash import (
-    BankStart,
     FlashBatch,
     FlashRecipe,
+    Start,
+    draw_guidance,
     draw_start_index,
-    flash_update,
+    flash_step,
     make_head,
     mmdit_flash_models,
 )
+from ..training.loop import OptimizerStep
 from .data import make_batch, random_labels, render
 from .model import load_teacher
 
+# The toy's Flash settings: the recipe with a guidance range around the toy reference's CFG 3 (SD3: 7-13 around
+# 7), a narrower head for 16x16 inputs, 4 equal phases of the default 600 batches, and one forward for G and D
+# (d_pass reuse: half the teacher calls of a step, what a CPU run needs).
+TOY_FLASH = replace(FlashRecipe(), guidance_min=2.0, guidance_max=4.0, phase_batches=(150, 150, 150), disc_width=32,
+                    d_pass="reuse")
+# Offsets from the run's seed of its generators: the adapters' A, the head's init, the batches, the bank.
+LORA_SEED, HEAD_SEED, BATCH_SEED, BANK_SEED = 0, 1, 31, 77
+
 
 @dataclass(frozen=True)
-class ToyFlashRecipe:
-    steps: int = 600  # batches, in 4 equal phases
+class ToyFlashRun:
+    """A toy distillation run: the loop's sizes and the method's settings (`flash`)."""
+
+    steps: int = 600  # batches (TOY_FLASH's phases: 4 quarters of 600; `with_steps` keeps them quarters)
     batch: int = 32
-    lr: float = 1e-3  # AdamW, adapters and head (SD3 recipe: 1e-5; tiny models take more, §5.3)
+    lr: float = 1e-3  # AdamW, adapters and head (SD3 recipe: 1e-5; a 600-step toy run needs larger steps)
     weight_decay: float = 0.01  # torch's AdamW default, as the recipe
     rank: int = 32  # LoRA on every linear of the toy MMDiT (width 128); scale alpha / rank = 1
     alpha: float = 32.0
-    K: int = 32  # teacher grid (the recipe's)
-    shift: float = 3.0  # the toy samplers' grid shift (SD3's)
-    guidance: tuple[float, float] = (2.0, 4.0)  # w ~ U: around the toy reference's CFG 3 (SD3: 7-13 around 7)
-    lambda_adv: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
-    lambda_dmd: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)
-    modes: str = "recipe"
-    disc_blocks: tuple[int, ...] = ()  # () = the teacher's output (released code); else these blocks' tokens
-    head_width: int = 32
-    d_pass: str = "reuse"  # one forward for G and D (§5.2); "fresh" = the recipe's second forward
-    bank: int = 0  # 0 = the recipe; N = a bank of N teacher CFG trajectories (option)
+    bank: int = 0  # 0 = the recipe's start points; N = a bank of N teacher CFG trajectories (option)
     probe: int = 64  # fixed prompts/noises whose 1-step paired L2 to the reference is logged
     probe_every: int = 25
     seed: int = 0
-
-    def flash_recipe(self) -> FlashRecipe:
-        q = self.steps // 4
-        return FlashRecipe(K=self.K, shift=self.shift, phase_batches=(q, q, q), guidance=self.guidance,
-                           lambda_adv=self.lambda_adv, lambda_dmd=self.lambda_dmd, modes=self.modes,
-                           disc_input="blocks" if self.disc_blocks else "output", disc_blocks=self.disc_blocks,
-                           d_pass="reuse" if self.bank else self.d_pass)
+    flash: FlashRecipe = TOY_FLASH
 
 
-def variants(base: ToyFlashRecipe, mid_blocks: tuple[int, ...] = (1, 2)) -> dict[str, ToyFlashRecipe]:
+def with_steps(run: ToyFlashRun, steps: int) -> ToyFlashRun:
+    """`run` for `steps` batches, its phases the 4 equal quarters of them."""
+    q = steps // 4
+    return replace(run, steps=steps, flash=replace(run.flash, phase_batches=(q, q, q)))
+
+
+def variants(base: ToyFlashRun, mid_blocks: tuple[int, ...] = (1, 2)) -> dict[str, ToyFlashRun]:
     """The runs of the table: the recipe, the ablation without DMD and GAN, the intended-features discriminator."""
     return {"student": base,
-            "no_adv_dmd": replace(base, lambda_adv=(0.0,) * 4, lambda_dmd=(0.0,) * 4),
-            "mid_features": replace(base, disc_blocks=mid_blocks)}
+            "no_adv_dmd": replace(base, flash=replace(base.flash, lambda_adv=(0.0,) * 4, lambda_dmd=(0.0,) * 4)),
+            "mid_features": replace(base, flash=replace(base.flash, disc_input="blocks", disc_blocks=mid_blocks))}
 
 
 @dataclass
@@ -78,18 +83,19 @@ class Bank:
 
 
 @torch.no_grad()
-def make_bank(model, text, recipe: ToyFlashRecipe, n: int, generator: torch.Generator, chunk: int = 256) -> Bank:
-    grid = flow_match_sigmas(recipe.K, recipe.shift)
+def make_bank(model, text, recipe: FlashRecipe, n: int, generator: torch.Generator, chunk: int = 256) -> Bank:
+    K = recipe.teacher_steps
+    grid = flow_match_sigmas(K, recipe.shift)
     labels = random_labels(n, generator)
     lo, hi = recipe.guidance
     w = lo + (hi - lo) * torch.rand(n, generator=generator)
     x = torch.randn(n, model.config.in_channels, 16, 16, generator=generator)
-    states = torch.empty(n, recipe.K, *x.shape[1:])
+    states = torch.empty(n, K, *x.shape[1:])
     for s in range(0, n, chunk):
         lab, xs, ws = labels[s:s + chunk], x[s:s + chunk], w[s:s + chunk].view(-1, 1, 1, 1)
         both = tuple(torch.cat([u, c]) for u, c in zip(text.empty(len(lab)), text(lab), strict=True))
         t = loop_timesteps(grid, xs)
-        for i in range(recipe.K):
+        for i in range(K):
             states[s:s + chunk, i] = xs
             v_u, v_c = model(torch.cat([xs, xs]), torch.cat([t[i], t[i]]), *both).chunk(2)
             xs = euler_step(xs, v_u + ws * (v_c - v_u), grid[i], grid[i + 1])
@@ -97,20 +103,32 @@ def make_bank(model, text, recipe: ToyFlashRecipe, n: int, generator: torch.Gene
     return Bank(labels, w, states, x)
 
 
-def _batch(recipe: ToyFlashRecipe, flash: FlashRecipe, text, bank: Bank | None, step: int, gen: torch.Generator):
-    B = recipe.batch
-    start = None
+def bank_start(bank: Bank, generator: torch.Generator):
+    """The bank option as a start-point function (training.flash.step.StartFn): the batch's examples are bank
+    rows; k ~ pi_phase from the toy's batch generator; x_k = their stored states at k (points on teacher
+    trajectories, not noised data), target = their stored ends. The recipe's own draws of k, w and the noise are
+    still made (and unused), so every later draw of the pass is the recipe's."""
+
+    def start(models, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd) -> Start:
+        draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch), rnd.randn(batch.x0)
+        rows, k = torch.as_tensor(batch.examples), draw_start_index(recipe, phase, generator)
+        final = bank.final[rows]
+        return Start(k, float(bank.guidance[rows].mean()), bank.states[rows, k], lambda: final)
+
+    return start
+
+
+def _batch(run: ToyFlashRun, text, bank: Bank | None, gen: torch.Generator) -> FlashBatch:
+    B, examples = run.batch, ()
     if bank is not None:
         idx = torch.randint(len(bank.labels), (B,), generator=gen)
-        labels = bank.labels[idx]
+        labels, examples = bank.labels[idx], idx.tolist()
         images = render(labels, gen)  # real data of the same prompts, for the discriminator
-        k = draw_start_index(flash, flash.phase(step), gen)
-        start = BankStart(k, bank.states[idx, k], bank.final[idx], float(bank.guidance[idx].mean()))
     else:
         images, labels = make_batch(B, gen)
     with torch.no_grad():
         cond, uncond = text(labels), text.empty(B)
-    return FlashBatch(images, cond, uncond, list(range(B)), start)
+    return FlashBatch(images, cond, uncond, list(range(B)), examples)
 
 
 @torch.no_grad()
@@ -118,7 +136,7 @@ def flash_samples(model, text, labels: torch.Tensor, noise: torch.Tensor, steps:
                   renoise_seed: int = 4242, batch: int = 250) -> torch.Tensor:
     """The Flash sampler (no guidance) for (N, 3) labels from (N, C, H, W) noise; the re-noise of step i is
     drawn for all N at once from renoise_seed + i, so every row sees the same draws for the same sample."""
-    renoise = [torch.randn(noise.shape, generator=torch.Generator().manual_seed(renoise_seed + i))
+    renoise = [torch.randn(noise.shape, generator=rng.offset_generator(renoise_seed, i))
                for i in range(steps - 1)]
     out = []
     for s in range(0, len(labels), batch):
@@ -134,27 +152,29 @@ def paired_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
     return ((images.float() - reference.float()) ** 2).flatten(1).mean(1).mean().item()
 
 
-def distil(teacher_path, recipe: ToyFlashRecipe, *, probe_labels: torch.Tensor, probe_noise: torch.Tensor,
+def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_noise: torch.Tensor,
            probe_ref: torch.Tensor, bank: Bank | None = None, log=print):
     """Distil a LoRA student from the teacher file; returns (model with adapters, text, history of scalars).
     probe_*: fixed prompts, noises and the reference's samples for the logged 1-step paired L2."""
     model, text = load_teacher(teacher_path)
     model.requires_grad_(False)
     text.requires_grad_(False)
-    torch.manual_seed(recipe.seed)
-    add_lora(model, rank=recipe.rank, alpha=recipe.alpha, targets="all-linear")
-    flash = recipe.flash_recipe()
-    torch.manual_seed(recipe.seed + 1)
-    head = make_head(flash, model, probe_noise.shape[-1], recipe.head_width)
-    models = mmdit_flash_models(model, head, flash)
-    opt_g = torch.optim.AdamW(lora_parameters(model), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    opt_d = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    gen, history, t0 = torch.Generator().manual_seed(recipe.seed + 31), [], time.perf_counter()
-    for step in range(recipe.steps):
-        batch = _batch(recipe, flash, text, bank, step, gen)
-        logs = {"step": step, **flash_update(models, flash, batch, step, recipe.seed, opt_g, opt_d)}
-        if step % recipe.probe_every == 0 or step == recipe.steps - 1:
-            one = flash_samples(model, text, probe_labels, probe_noise, 1, recipe.shift)
+    add_lora(model, rank=run.rank, alpha=run.alpha, targets="all-linear",
+             generator=rng.offset_generator(run.seed, LORA_SEED))
+    with rng.seeded(run.seed + HEAD_SEED):
+        head = make_head(run.flash, model, probe_noise.shape[-1])
+    gen = rng.offset_generator(run.seed, BATCH_SEED)
+    start = {"start": bank_start(bank, gen)} if bank is not None else {}
+    models = mmdit_flash_models(model, head, run.flash, **start)
+    optimizer = torch.optim.AdamW([*lora_parameters(model), *head.parameters()], lr=run.lr,
+                                  weight_decay=run.weight_decay)
+    update, history, t0 = OptimizerStep(optimizer, clip=0.0), [], time.perf_counter()
+    for step in range(run.steps):
+        batch = _batch(run, text, bank, gen)
+        logs = flash_step(models, run.flash, batch, step, run.seed, update)
+        logs = {"step": step, "g_total": logs.pop("loss"), **logs}
+        if step % run.probe_every == 0 or step == run.steps - 1:
+            one = flash_samples(model, text, probe_labels, probe_noise, 1, run.flash.shift)
             logs["probe_paired_l2"] = paired_l2(one, probe_ref)
             log(f"  step {step} phase {logs['phase']} k {logs['k']:2d} distill {logs['distill']:.4f} "
                 f"dmd {logs.get('dmd', 0):.4f} adv {logs.get('adv', 0):.3f} d {logs['d']:.3f} "
@@ -187,7 +207,7 @@ ROW_NOTES = {
 }
 
 
-def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFlashRecipe, *,
+def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFlashRun, *,
                  log=print) -> tuple[dict, dict, dict, dict]:
     """Distil the three variants and score the student rows on the evaluator's set (its prompts and noise).
     Returns (rows, images, histories per run, wall seconds per part)."""
@@ -199,14 +219,14 @@ def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFla
     if base.bank:
         t0 = time.perf_counter()
         model, text = load_teacher(teacher_path)
-        bank = make_bank(model, text, base, base.bank, torch.Generator().manual_seed(base.seed + 77))
+        bank = make_bank(model, text, base.flash, base.bank, rng.offset_generator(base.seed, BANK_SEED))
         walls["bank"] = time.perf_counter() - t0
-        log(f"bank of {base.bank} teacher trajectories (K={base.K}) in {walls['bank']:.0f}s")
+        log(f"bank of {base.bank} teacher trajectories (K={base.flash.teacher_steps}) in {walls['bank']:.0f}s")
     models, histories = {}, {}
-    for name, recipe in variants(base).items():
+    for name, run in variants(base).items():
         t0 = time.perf_counter()
-        log(f"distilling {name}: {recipe}")
-        model, text, histories[name] = distil(teacher_path, recipe, probe_labels=probe_labels,
+        log(f"distilling {name}: {run}")
+        model, text, histories[name] = distil(teacher_path, run, probe_labels=probe_labels,
                                               probe_noise=probe_noise, probe_ref=probe_ref, bank=bank, log=log)
         models[name] = (model, text)
         walls[f"distil_{name}"] = time.perf_counter() - t0
@@ -215,9 +235,9 @@ def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFla
     for row, (run, steps) in STUDENT_ROWS.items():
         model, text = models[run]
         if row == "student_init":
-            images[row] = teacher_no_adapter_samples(model, text, es.labels, es.noise, steps, base.shift)
+            images[row] = teacher_no_adapter_samples(model, text, es.labels, es.noise, steps, base.flash.shift)
         else:
-            images[row] = flash_samples(model, text, es.labels, es.noise, steps, base.shift)
+            images[row] = flash_samples(model, text, es.labels, es.noise, steps, base.flash.shift)
         rows[row] = {**evaluator.score(images[row]), "steps": steps, "guidance": 0.0, "nfe": steps,
                      "sampler": "flash", "paired_l2": paired_l2(images[row], ref_images)}
         log(f"{row}: adherence {rows[row]['adherence']:.3f} fd_data {rows[row]['fd_data']:.2f} "
@@ -226,8 +246,7 @@ def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFla
     return rows, images, histories, walls
 
 
-
-def plot_histories(histories: dict, recipe: ToyFlashRecipe, out, smooth) -> list[str]:
+def plot_histories(histories: dict, recipe: ToyFlashRun, out, smooth) -> list[str]:
     """Loss curves per run (distillation, DMD, adversarial, discriminator with its 0.25 LSGAN equilibrium, the
     probe's 1-step paired L2); phases are the 4 equal quarters of the x axis. Returns the file names."""
     from .plots import line_plot
@@ -249,7 +268,7 @@ def plot_histories(histories: dict, recipe: ToyFlashRecipe, out, smooth) -> list
 
 
 def target_checks(rows: dict) -> dict[str, dict]:
-    """The issue's targets for student_4 against the reference (teacher_cfg_ref) and teacher 4-step CFG."""
+    """The targets set for student_4 against the reference (teacher_cfg_ref) and teacher 4-step CFG."""
     ref, s4, t4 = rows["teacher_cfg_ref"], rows["student_4"], rows["teacher_4_cfg"]
     return {
         "fd_data within 1.5x the reference's": {"value": s4["fd_data"], "bound": 1.5 * ref["fd_data"],
@@ -262,7 +281,7 @@ def target_checks(rows: dict) -> dict[str, dict]:
     }
 
 
-def flash_markdown(rows: dict, recipe: ToyFlashRecipe, walls: dict, plots: list[str]) -> str:
+def flash_markdown(rows: dict, recipe: ToyFlashRun, walls: dict, plots: list[str]) -> str:
     checks = target_checks(rows)
     check_md = "\n".join(f"| {name} | {c['value']:.2f} | {c['bound']:.2f} | {'yes' if c['ok'] else '**no**'} |"
                          for name, c in checks.items())
@@ -275,9 +294,9 @@ def flash_markdown(rows: dict, recipe: ToyFlashRecipe, walls: dict, plots: list[
   updates), in pixel space with L2 distillation; student = the teacher + LoRA on every linear (rank
   {recipe.rank}, alpha {recipe.alpha}); teacher = the same module with the adapters off.
 - Settings: {recipe.steps} batches of {recipe.batch} (4 phases of {recipe.steps // 4}), AdamW lr {recipe.lr},
-  weight decay {recipe.weight_decay}; K = {recipe.K} (shift {recipe.shift}); guidance w ~ U{list(recipe.guidance)}
-  against the learnt empty prompt; start points: {start}; discriminator step on the generator pass's draws
-  (`d_pass={recipe.d_pass if not recipe.bank else 'reuse'}`); head width {recipe.head_width}.
+  weight decay {recipe.weight_decay}; K = {recipe.flash.teacher_steps} (shift {recipe.flash.shift}); guidance
+  w ~ U{list(recipe.flash.guidance)} against the learnt empty prompt; start points: {start}; discriminator step
+  (`d_pass={recipe.flash.d_pass}`); head width {recipe.flash.disc_width}.
 - Rows: `student_init` is the Flash sampler (4 steps, no CFG) on the untrained student (= the teacher);
   `student_N` the distilled student with the Flash sampler at N steps; ablation `student_4_no_adv_dmd`
   (lambda_adv = lambda_dmd = 0); `student_4_mid_features` (the discriminator reads teacher blocks' image tokens).

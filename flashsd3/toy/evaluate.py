@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..rng import offset_generator, seeded
 from .data import ATTRIBUTES, balanced_labels, make_dataset, random_labels, render
 
 FEATURE_DIM = 128
@@ -64,9 +65,9 @@ def augmented_batch(n: int, generator: torch.Generator, resolution: int = 16) ->
 def train_classifier(seed: int, *, steps: int = 800, batch: int = 128, lr: float = 2e-3,
                      resolution: int = 16) -> ToyClassifier:
     """Train on fresh augmented procedural batches (AdamW, cosine decay); returns the classifier in eval mode."""
-    torch.manual_seed(seed)
-    model = ToyClassifier(resolution)
-    gen = torch.Generator().manual_seed(seed + 7919)  # its own data stream, not the teacher's
+    with seeded(seed):
+        model = ToyClassifier(resolution)
+    gen = offset_generator(seed, 7919)  # its own data stream, not the teacher's
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -147,7 +148,7 @@ class EvalSet:
 
 def make_eval_set(n: int = 2000, resolution: int = 16, seed: int = 2024) -> EvalSet:
     """Fixed seeds, independent of the training seed, so runs with different --seed compare."""
-    noise = torch.randn(n, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(n, 3, resolution, resolution, generator=offset_generator(seed))
     data, data_labels = make_dataset(n, seed + 1, resolution)
     floor, floor_labels = make_dataset(n, seed + 2, resolution)
     return EvalSet(balanced_labels(n), noise, data, data_labels, floor, floor_labels)

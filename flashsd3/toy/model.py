@@ -21,6 +21,8 @@ from torch import nn
 
 from ..config import MMDiTConfig
 from ..mmdit import MMDiT
+from ..outputs import atomic_write
+from ..rng import seeded
 from ..sampling import cfg_denoiser, flow_match_sigmas, sample_euler
 from .data import ATTRIBUTES
 
@@ -83,8 +85,8 @@ def build_teacher(config: MMDiTConfig = TOY_TEACHER, text_config: TextConfig = T
     if config.context_dim != text_config.token_dim or config.pooled_dim != text_config.pooled_dim:
         raise ValueError(f"MMDiT context/pooled dims ({config.context_dim}, {config.pooled_dim}) must equal the text "
                          f"module's ({text_config.token_dim}, {text_config.pooled_dim})")
-    torch.manual_seed(seed)
-    return MMDiT(config).init_weights(), AttributeText(text_config)
+    with seeded(seed):  # module initialisers draw from the global generator; the caller's state is kept
+        return MMDiT(config).init_weights(), AttributeText(text_config)
 
 
 def save_teacher(model: MMDiT, text: AttributeText, path: str | Path, **extra: str) -> None:
@@ -92,10 +94,7 @@ def save_teacher(model: MMDiT, text: AttributeText, path: str | Path, **extra: s
     tensors = {f"mmdit.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"text.{k}": v.detach().contiguous() for k, v in text.state_dict().items()}
     meta = {"mmdit_config": json.dumps(asdict(model.config)), "text_config": json.dumps(asdict(text.config)), **extra}
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_teacher(path: str | Path) -> tuple[MMDiT, AttributeText]:

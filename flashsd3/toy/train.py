@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..mmdit import MMDiT
+from ..rng import offset_generator
 from ..training.objectives import drop_conditioning, flow_matching_loss, logit_normal_sigmas
 from .data import make_batch
 from .model import TOY_TEACHER, TOY_TEXT, AttributeText, build_teacher
@@ -87,7 +88,7 @@ def train_teacher(recipe: TeacherRecipe, seed: int, *,
     params = list(model.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe))
-    gen = torch.Generator().manual_seed(seed)
+    gen = offset_generator(seed)  # the batches, caption dropout, sigmas and noise, in that order per step
     losses, t0 = [], time.perf_counter()
     model.train()
     for step in range(recipe.steps):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_file, atomic_json
+from .. import rng
+from ..outputs import atomic_json, atomic_write
 from .data import DataError, Example, Problem, load_image
 
 CACHE_VERSION = 1
@@ -94,7 +95,7 @@ def spec_for(model: str, resolution: int, vae, text, seed: int) -> CacheSpec:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     metadata = {k: json.dumps(v) for k, v in (meta or {}).items()}
-    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def start_cache(folder: Path, spec: CacheSpec, examples: list[Example], shard_size: int,
@@ -104,8 +105,12 @@ def start_cache(folder: Path, spec: CacheSpec, examples: list[Example], shard_si
               "shard_size": shard_size, "skipped": [str(p) for p in skipped], "complete": False}
     index = folder / "cache.json"
     if index.is_file():
-        old = json.loads(index.read_text())
-        diffs = CacheSpec(**old["spec"]).differences(spec)
+        try:
+            old = json.loads(index.read_text(encoding="utf-8"))
+            diffs = CacheSpec(**old["spec"]).differences(spec)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"{index} is not a cache index ({type(e).__name__}: {e}); use another folder or "
+                             "--overwrite") from None
         if old["digest"] != record["digest"]:
             diffs.append("the list of images and captions changed")
         if old["shard_size"] != shard_size:
@@ -150,9 +155,8 @@ def encode_shard(examples: list[Example], first: int, spec: CacheSpec, vae, text
 
 def posterior_samples(posterior, indices: list[int], seed: int) -> torch.Tensor:
     """mean + std * noise with example i's noise from seed + i: a latent does not depend on its batch."""
-    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed + i))
-                         for i in indices]).to(posterior.mean.device, posterior.mean.dtype)
-    return posterior.mean + posterior.std * noise
+    noise = rng.randn([rng.offset_generator(seed, i) for i in indices], posterior.mean.shape[1:])
+    return posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
 
 
 def prepare_cache(folder: Path, examples: list[Example], spec: CacheSpec, vae, text, *, shard_size: int = 256,
@@ -199,19 +203,33 @@ def _metadata(path: Path) -> dict:
 
 
 class CachedData:
-    """A finished cache, read row by row from its memory-mapped shards."""
+    """A finished cache, read row by row from its memory-mapped shards. Opening it checks every file it
+    names (a CacheError names the file at fault); rows are read only when asked for."""
 
     def __init__(self, folder: str | Path):
         self.folder = folder = Path(folder)
         index = folder / "cache.json"
         if not index.is_file():
             raise CacheError(f"{folder} is not a cache (no cache.json): make one with `flashsd3-train prepare`")
-        self.record = json.loads(index.read_text())
-        if not self.record["complete"]:
-            raise CacheError(f"the cache {folder} is unfinished: run the same `flashsd3-train prepare` again")
-        self.spec = CacheSpec(**self.record["spec"])
-        self._files = [safe_open(str(folder / name), "pt") for name in self.record["shards"]]
-        self._where = [(k, r) for k, n in enumerate(self.record["rows"]) for r in range(n)]  # row -> (shard, row)
+        try:
+            self.record = json.loads(index.read_text(encoding="utf-8"))
+            if self.record.get("complete") is False:
+                raise CacheError(f"the cache {folder} is unfinished: run the same `flashsd3-train prepare` again")
+            shards, rows = self.record["shards"], self.record["rows"]
+            self.spec = CacheSpec(**self.record["spec"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / UTF-8, fields missing or wrong
+            if isinstance(e, CacheError):
+                raise
+            raise CacheError(f"{index} is not a cache index ({type(e).__name__}: {e}); prepare the cache again") \
+                from None
+        self._files = [_open_shard(folder / name, n) for name, n in zip(shards, rows, strict=True)]
+        self._where = [(k, r) for k, n in enumerate(rows) for r in range(n)]  # row -> (shard, row)
+
+    @property
+    def latent_side(self) -> int:
+        """Side of the cached latents (read from the first shard's header)."""
+        shard = next(k for k, n in enumerate(self.record["rows"]) if n)
+        return self._files[shard].get_slice("latents").get_shape()[-1]
 
     def __len__(self) -> int:
         return len(self._where)
@@ -241,8 +259,24 @@ class CachedData:
 
     def prompt_file(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(context, pooled, prompts) of empty.safetensors, prompts.safetensors or negative.safetensors."""
-        if not (self.folder / name).is_file():
+        path = self.folder / name
+        if not path.is_file():
             raise CacheError(f"the cache {self.folder} has no {name} (see `flashsd3-train prepare --help`)")
-        with safe_open(str(self.folder / name), "pt") as f:
-            prompts = json.loads((f.metadata() or {}).get("prompts", '[""]'))
-            return self.context(f.get_tensor("clip")), f.get_tensor("pooled"), prompts
+        try:
+            with safe_open(str(path), "pt") as f:
+                prompts = json.loads((f.metadata() or {}).get("prompts", '[""]'))
+                return self.context(f.get_tensor("clip")), f.get_tensor("pooled"), prompts
+        except Exception as e:  # SafetensorError (truncated), ValueError (metadata), KeyError (tensor)
+            raise CacheError(f"{path}: unreadable ({type(e).__name__}: {e}); prepare the cache again") from None
+
+
+def _open_shard(path: Path, rows: int):
+    """A shard opened lazily (header checked against its file size by safetensors) with its row count checked."""
+    try:
+        f = safe_open(str(path), "pt")
+        shapes = [f.get_slice(k).get_shape()[0] for k in ("latents", "clip", "pooled")] if rows else [0] * 3
+    except Exception as e:  # SafetensorError (truncated, not safetensors), OSError (missing), KeyError
+        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e}); prepare the cache again") from None
+    if shapes != [rows] * 3:
+        raise CacheError(f"{path}: holds {shapes[0]} rows, cache.json says {rows}; prepare the cache again")
+    return f

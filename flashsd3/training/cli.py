@@ -7,9 +7,10 @@
     flashsd3-train flow --cache cache/ --out runs/lora1 --resume --steps 4000    # continue, or after Ctrl-C
     flashsd3-train flash --cache cache/ --out runs/flash --steps 10000 --activation-checkpointing  # distil
 
-Training flags are made from the objective's config dataclass (training/config.py, flow.py): each field is a
---flag and a key of --config FILE (JSON or TOML); flags win over the file. A new objective registers itself in
-COMMANDS. Exit codes: 0 done, 2 bad input (one line, nothing written or lost), 130 interrupted (checkpointed).
+Training flags are made from the objective's config dataclass (training/config.py, flow.py, flash/recipe.py):
+each setting is a --flag and a key of --config FILE (JSON or TOML); flags win over the file. A new objective
+registers itself in `commands()`. Exit codes: 0 done, 1 training stopped (a loss or update not finite; the last
+checkpoint is kept), 2 bad input (one line, nothing written or lost), 130 interrupted (checkpointed).
 """
 from __future__ import annotations
 
@@ -17,17 +18,17 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
+import typing
 from pathlib import Path
 
 PROG = "flashsd3-train"
 INTERRUPTED = 130
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-METAVARS = {int: "N", float: "X", str: "TEXT", tuple: "A,B,..."}
+METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
 def commands() -> dict:
-    """subcommand -> (config dataclass, task class). flash.py (Flash distillation) adds "flash" here."""
+    """subcommand -> (config dataclass, task class); a new objective adds itself here."""
     from .flash.task import FlashConfig, FlashTask
     from .flow import FlowConfig, FlowTask
 
@@ -40,16 +41,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field; unset flags stay absent (SUPPRESS) so the file and resume rules apply."""
-    for f in fields(cls):
-        kind = type(f.default) if f.default is not MISSING else str
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        default = f"; default {f.default}" if f.default not in ("", ()) else ""
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+    """One flag per setting; unset flags stay absent (SUPPRESS) so the file and resume rules apply. Lists are
+    comma-separated text, parsed with the file's values (config.convert) so both name the setting in errors."""
+    from .config import flag, settings
+
+    for s in settings(cls).values():
+        default = f"; default {_shown(s.default)}" if s.default not in ("", ()) else ""
+        if s.kind is bool:
+            parser.add_argument(flag(s.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=s.help)
+            continue
+        if typing.get_origin(s.kind) is tuple:
+            nested = typing.get_origin(typing.get_args(s.kind)[0]) is tuple
+            kind, metavar = str, "A,B/C,D" if nested else "A,B,..."
         else:
-            parser.add_argument(flag, type=str if kind is tuple else kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), metavar=METAVARS[kind], help=help + default)
+            kind, metavar = s.kind, METAVARS[s.kind]
+        parser.add_argument(flag(s.name), type=kind, default=argparse.SUPPRESS, choices=s.choices, metavar=metavar,
+                            help=s.help + default)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return "/".join(map(_shown, value)) if value and isinstance(value[0], tuple) else ",".join(map(str, value))
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default: the first four captions)")
     q.add_argument("--skip-bad", action="store_true", help="skip unreadable images and images without a caption "
                                                            "(counted and listed in cache.json) instead of stopping")
-    q.add_argument("--seed", type=int, default=0, help="the VAE posterior sample of example i uses seed + i")
+    q.add_argument("--seed", type=int, default=0, help="the VAE posterior sample of example i uses seed + i "
+                                                       "(0 .. 2**64 - 1)")
     q.add_argument("--negative-prompt", help="CFG negative prompt of `flash` distillation (default: the Flash SD3 "
                                              "recipe's long negative prompt; '' for the empty prompt)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -105,14 +120,18 @@ def prepare(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..distributed import resolve_device
+    from ..rules import check_seed
     from .cache import prepare_cache, spec_for
-    from .data import DataError, check_resolution, find_examples
+    from .data import DataError, check_resolution, find_examples, read_text_file
     from .models import DEMO_MODEL, load_encoders, model_id
 
+    device = resolve_device(args.device, None)
     if args.demo == bool(args.model):
         raise ValueError("give --model PATH|REPO or --demo (one of them)")
     if args.shard_size < 1 or args.batch_size < 1:
         raise ValueError("--shard-size and --batch-size must be positive")
+    check_seed(args.seed, 1, "--seed")
     check_resolution(args.resolution)
     examples, problems = find_examples(args.data)
     if problems and not args.skip_bad:
@@ -122,9 +141,9 @@ def prepare(args) -> int:
         raise DataError(f"no usable example in {args.data}: all {len(problems)} were skipped")
     prompts = None
     if args.sample_prompts:
-        prompts = [ln.strip() for ln in args.sample_prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        text = read_text_file(args.sample_prompts, "--sample-prompts")
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     _cache_folder(args.out, args.overwrite)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     vae, text = load_encoders(DEMO_MODEL if args.demo else args.model, getattr(torch, DTYPES[args.dtype]), device)
     spec = spec_for(DEMO_MODEL if args.demo else model_id(args.model), args.resolution, vae, text, args.seed)
     with tqdm(total=len(examples), unit="img", desc="prepare", disable=None) as bar:
@@ -140,42 +159,58 @@ def prepare(args) -> int:
 # training -----------------------------------------------------------------------------------------
 
 def train_command(args) -> int:
-    from .config import make_config, read_config_file, resumed_config
+    from .config import make_config, read_config_file, resumed_config, settings
+    from .folder import check_out
     from .loop import train
 
     cls, task = commands()[args.command]
-    names = {f.name for f in fields(cls)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
+    flags = {k: v for k, v in vars(args).items() if k in settings(cls)}
     file = read_config_file(args.config) if args.config else {}
-    out = Path(flags.get("out") or file.get("out") or "")
-    if args.resume:
-        saved = out / "config.json"
-        if not saved.is_file():
-            raise ValueError(f"nothing to resume: {saved} does not exist (start the run without --resume)")
-        saved_config = json.loads(saved.read_text())
-        if saved_config.get("command") != args.command:
-            raise ValueError(f"{out} holds a {saved_config.get('command')!r} run, not {args.command!r}")
-        cfg = resumed_config(cls, saved_config, {**file, **flags}, out)
-    else:
-        cfg = make_config(cls, file, flags, where=f" in {args.config}" if args.config else "")
-    return train(cfg, task, resume=args.resume, overwrite=args.overwrite)
+    if not args.resume:
+        cfg = make_config(cls, (file, str(args.config)), (flags, None))
+        return train(cfg, task, resume=False, overwrite=args.overwrite)
+    out = flags.get("out", file.get("out"))
+    if not isinstance(out, str) or not out:
+        raise ValueError("--out is required (or 'out' in the config file, as text): the run to resume")
+    out = Path(out)
+    check_out(out, resume=True, overwrite=False)  # a run folder with its config.json
+    saved = out / "config.json"
+    try:
+        saved_config = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{saved} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(saved_config, dict) or saved_config.get("command") != args.command:
+        what = saved_config.get("command") if isinstance(saved_config, dict) else None
+        raise ValueError(f"{out} holds a {what!r} run, not {args.command!r}")
+    return train(resumed_config(cls, saved_config, {**file, **flags}, out), task, resume=True, overwrite=False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import reproducible_mkl
+
+    reproducible_mkl()  # before anything imports torch (build_parser imports the objectives)
     args = build_parser().parse_args(argv)
     from ..hub import WeightsUnavailable
     from ..weights import CheckpointError
+    from .loop import NonFinite
 
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return prepare(args) if args.command == "prepare" else train_command(args)
     except (ValueError, WeightsUnavailable, CheckpointError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {rank}{e}", file=sys.stderr)
+        print(f"{PROG}: error: {rank}{_one_line(e)}", file=sys.stderr)
         return 2
+    except NonFinite as e:
+        print(f"{PROG}: error: {rank}{_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         kept = "; finished shards are kept: run the same command to resume" if args.command == "prepare" else ""
         print(f"{PROG}: interrupted{kept}", file=sys.stderr)
         return INTERRUPTED
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

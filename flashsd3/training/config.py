@@ -1,23 +1,36 @@
 """Run configurations: frozen dataclasses, filled from defaults <- a JSON/TOML file <- command-line flags.
 
 `TrainConfig` holds what every objective's run needs; an objective subclasses it (flow.FlowConfig adds the
-sigma density and caption dropout). Each field's `help` is its comment and its --flag's help: the CLI makes one
-flag per field (`lora_rank` -> `--lora-rank`), so a new field needs no CLI code. The resolved configuration is
-saved as `config.json` beside the outputs and is the base of a `--resume`.
+sigma density and caption dropout; flash.task.FlashConfig nests a `FlashRecipe`). Every field is a *setting*:
+one --flag (`lora_rank` -> --lora-rank), one key of the config file, its `help` the flag's help; the fields of a
+nested dataclass are settings of their own (`teacher_steps`, not `recipe.teacher_steps`), so a new field needs no
+CLI code. The resolved configuration is saved flat as `config.json` beside the outputs and is the base of a
+`--resume`. Values are typed by the fields' annotations; a value of another type is refused naming its flag or
+its key and file.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# Fields a resumed run may change: they do not alter the trajectory, only how long it runs and what it writes.
+from ..rules import check_seed
+
+# Settings a resumed run may change: they do not alter the trajectory, only how long it runs and what it writes.
+# `out` is where the run is now (a run folder may be moved); `cache` is compared as a resolved path.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "device")
 
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of setting `name`."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     weight_decay: float = opt(1e-4, "AdamW weight decay (diffusers' SD3 LoRA script default)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    seed: int = opt(0, "data order, noise, sigmas, caption dropout and adapter initialisation")
+    seed: int = opt(0, "data order, noise, sigmas, caption dropout and adapter initialisation (0 .. 2**64 - 1)")
     lora_rank: int = opt(16, "LoRA rank (ignored with --train-modules)")
     lora_alpha: float = opt(0.0, "LoRA alpha; scale = alpha / rank (0: alpha = rank)")
     lora_targets: str = opt("flash-sd3", "'flash-sd3' (the published adapter's modules), 'all-linear', "
@@ -56,21 +69,66 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("cache", "out"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required (or '{name}' in the config file)")
+                raise ValueError(f"{flag(name)} is required (or '{name}' in the config file)")
         positive = ("steps", "batch_size", "lora_rank", "checkpoint_every", "sample_steps")
-        nonneg = ("warmup_steps", "keep_checkpoints", "sample_every", "grad_clip", "lr", "weight_decay", "lora_alpha")
-        bad = [f"{n} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
-        bad += [f"{n} must be >= 0, got {getattr(self, n)}" for n in nonneg if not getattr(self, n) >= 0]
+        nonneg = ("warmup_steps", "keep_checkpoints", "sample_every", "grad_clip", "lr", "weight_decay", "lora_alpha",
+                  "sample_guidance")
+        bad = [f"{flag(n)} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
+        bad += [f"{flag(n)} must be finite and >= 0, got {getattr(self, n)}" for n in nonneg
+                if not 0 <= getattr(self, n) < math.inf]
+        for name in ("seed", "sample_seed"):
+            try:
+                check_seed(getattr(self, name), 1, flag(name))
+            except ValueError as e:
+                bad.append(str(e))
         if bad:
             raise ValueError("; ".join(bad))
 
 
+# Settings: the flat view of a configuration class -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: Any  # the field's annotation, e.g. int, tuple[int, ...]
+    default: Any
+    help: str
+    choices: tuple | None
+    parent: str | None  # the field of the nested dataclass holding it (FlashConfig.recipe), or None
+
+
+def settings(cls) -> dict[str, Setting]:
+    """Every setting of a configuration class, nested dataclass fields flattened, in field order."""
+    out: dict[str, Setting] = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if is_dataclass(hints[f.name]):
+            inner = settings(hints[f.name])
+            out.update({n: replace(s, parent=f.name, default=getattr(default, n)) for n, s in inner.items()})
+        else:
+            out[f.name] = Setting(f.name, hints[f.name], default, f.metadata.get("help", ""),
+                                  f.metadata.get("choices"), None)
+    return out
+
+
+def flat(cfg) -> dict[str, Any]:
+    """{"command": ..., setting: value}: what config.json holds (tuples as lists)."""
+    values = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        values.update(asdict(value) if is_dataclass(value) else {f.name: value})
+    return {"command": cfg.command, **json.loads(json.dumps(values))}
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A JSON (.json) or TOML (.toml) table of field names (dashes allowed) to values."""
+    """A JSON (.json) or TOML (.toml) table of setting names (dashes allowed) to values."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read the config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the config file {path} is not UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -85,41 +143,109 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items() if k != "command"}
 
 
-def make_config(cls: type[TrainConfig], *layers: dict[str, Any], where: str = "") -> TrainConfig:
-    """cls(**defaults updated by each layer in turn); unknown keys and wrong types are errors."""
-    known = {f.name: f for f in fields(cls)}
+def make_config(cls, *layers: tuple[dict[str, Any], str | None]):
+    """cls(defaults updated by each layer in turn); a layer is (values, source): source None for flags, else the
+    file the values come from (named in errors). Unknown keys and wrong types are errors naming the setting."""
+    known = settings(cls)
     values: dict[str, Any] = {}
-    for layer in layers:
+    for layer, source in layers:
         for key, value in layer.items():
             if key not in known:
+                where = f" in {source}" if source else ""
                 raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
-            values[key] = _coerce(known[key], value, where)
-    return cls(**values)
+            values[key] = convert(known[key], value, flag(key) if source is None else f"setting {key!r} in {source}")
+    top = {k: v for k, v in values.items() if known[k].parent is None}
+    for parent in {s.parent for s in known.values() if s.parent}:
+        base = next(f.default for f in fields(cls) if f.name == parent)
+        top[parent] = replace(base, **{k: v for k, v in values.items() if known[k].parent == parent})
+    return cls(**top)
 
 
-def _coerce(f, value, where: str):
-    kind = type(f.default) if f.default is not MISSING else str
-    if kind is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"setting {f.name!r}{where} must be {kind.__name__}, got {value!r}")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise ValueError(f"setting {f.name!r}{where} must be one of {', '.join(choices)}, got {value!r}")
+def convert(setting: Setting, value: Any, name: str):
+    """`value` (a flag's text or a file's value) as the setting's type; ValueError naming `name`."""
+    kind = setting.kind
+    if typing.get_origin(kind) is tuple:
+        value = _tuple(typing.get_args(kind)[0], value, name)
+    else:
+        value = _scalar(kind, value, name, from_text=False)
+    if setting.choices and value not in setting.choices:
+        raise ValueError(f"{name} must be one of {', '.join(setting.choices)}, got {value!r}")
     return value
 
 
-def resumed_config(cls: type[TrainConfig], saved: dict[str, Any], flags: dict[str, Any], out: Path) -> TrainConfig:
-    """The saved run's configuration with the few changes a resume may make (RESUMABLE_CHANGES)."""
-    base = make_config(cls, {k: v for k, v in saved.items() if k != "command"}, where=f" in {out / 'config.json'}")
-    known = {f.name: f for f in fields(cls)}
-    changed = [k for k, v in flags.items()
-               if k not in RESUMABLE_CHANGES and _coerce(known[k], v, "") != getattr(base, k)]
+_NAMES = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
+def _scalar(kind, value, name: str, from_text: bool):
+    """One value of type `kind`; text is parsed when it comes from a comma-separated flag or list."""
+    if from_text and isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must hold {_NAMES[kind]}s, got {value.strip()!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{name} must be {_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _tuple(item, value, name: str) -> tuple:
+    """A tuple of `item` from a list or from text ("a,b,c"; rows of a nested tuple separated by '/')."""
+    nested = typing.get_origin(item) is tuple
+    if isinstance(value, str):
+        parts = [p for p in value.split("/" if nested else ",") if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        what = "a list of lists" if nested else "a list (or comma-separated text)"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if nested:
+        return tuple(_tuple(typing.get_args(item)[0], p, name) for p in parts)
+    if item is str:
+        return tuple(str(_scalar(str, p, name, True)).strip() for p in parts if str(p).strip())
+    return tuple(_scalar(item, p, name, True) for p in parts)
+
+
+def config_differences(cls, cfg, stored: dict[str, Any]) -> list[str]:
+    """What a stored configuration (a checkpoint's) sets otherwise than `cfg`, beyond what a resume may change."""
+    try:
+        other = make_config(cls, ({k: v for k, v in stored.items() if k not in ("command", "out")}, "the checkpoint"),
+                            ({"out": cfg.out}, None))
+    except ValueError as e:
+        return [f"a configuration this run cannot read ({e})"]
+    known = settings(cls)
+    return [f"{flag(k)} {getattr(_holder(other, s), k)!r} (this run: {getattr(_holder(cfg, s), k)!r})"
+            for k, s in known.items() if k not in (*RESUMABLE_CHANGES, "out")
+            and not _same(k, getattr(_holder(other, s), k), getattr(_holder(cfg, s), k))]
+
+
+def resumed_config(cls, saved: dict[str, Any], changes: dict[str, Any], out: Path):
+    """The saved run's configuration with the few changes a resume may make (RESUMABLE_CHANGES); `out` is where
+    the run is now (its folder may have been moved). `changes`: the command's flags over its config file."""
+    saved_file = out / "config.json"
+    base = make_config(cls, ({k: v for k, v in saved.items() if k not in ("command", "out")}, str(saved_file)),
+                       ({"out": str(out)}, None))
+    known = settings(cls)
+    changed = [k for k, v in changes.items() if k not in (*RESUMABLE_CHANGES, "out")
+               and not _same(k, convert(known[k], v, flag(k)), getattr(_holder(base, known[k]), k))]
     if changed:
-        raise ValueError(f"--resume continues the run saved in {out}: it cannot change {', '.join(changed)} "
-                         f"(only {', '.join(RESUMABLE_CHANGES)}); start a new run or use --overwrite")
-    allowed = {k: v for k, v in flags.items() if k in RESUMABLE_CHANGES}
-    return make_config(cls, {k: getattr(base, k) for k in known}, allowed)
+        raise ValueError(f"--resume continues the run saved in {out}: it cannot change {', '.join(map(flag, changed))} "
+                         f"(only {', '.join(map(flag, RESUMABLE_CHANGES))}); start a new run in another --out")
+    kept = {k: v for k, v in flat(base).items() if k != "command"}
+    return make_config(cls, (kept, None), ({k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}, None))
+
+
+def _holder(cfg, setting: Setting):
+    return getattr(cfg, setting.parent) if setting.parent else cfg
+
+
+def _same(key: str, a, b) -> bool:
+    """Equal settings; paths compare resolved (the same folder however spelled)."""
+    if key == "cache":
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    if key == "model" and a and b:
+        from .models import model_id
+
+        return model_id(a) == model_id(b)
+    return a == b

@@ -1,9 +1,10 @@
 """Image-caption data for training: a folder of images with same-name .txt captions, or a JSONL manifest.
 
 Folder: `cat.png` + `cat.txt` (UTF-8 caption), searched recursively, sorted by path so every run sees the same
-order. Manifest: one JSON object per line, {"image": path, "caption": text}; relative paths are relative to the
-manifest's folder. Images are centre-cropped to a square and resized (bicubic, as diffusers' training scripts)
-to the training resolution, then scaled to [-1, 1] for the VAE encoder.
+order; paths are resolved, so the same folder however spelled gives the same examples. Manifest: one JSON
+object per line, {"image": path, "caption": text}; relative paths are relative to the manifest's folder.
+Images are centre-cropped to a square and resized (bicubic, as diffusers' training scripts) to the training
+resolution, then scaled to [-1, 1] for the VAE encoder.
 
 Bad examples (an image without a caption, an unreadable image) are collected as `Problem`s naming the file:
 the caller stops on the first (the default) or skips them with a count (`on_bad="skip"`).
@@ -54,18 +55,32 @@ def find_examples(source: str | Path) -> tuple[list[Example], list[Problem]]:
 
 def folder_examples(folder: Path) -> tuple[list[Example], list[Problem]]:
     examples, problems = [], []
+    folder = folder.resolve()
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption = image.with_suffix(".txt")
         if not caption.is_file():
             problems.append(Problem(image, f"no caption file {caption.name}"))
             continue
-        examples.append(Example(image, caption.read_text(encoding="utf-8").strip()))
+        try:
+            examples.append(Example(image, caption.read_text(encoding="utf-8").strip()))
+        except UnicodeDecodeError as e:
+            problems.append(Problem(caption, f"the caption is not UTF-8 text (byte {e.start})"))
     return examples, problems
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file the user named (a manifest, a prompts file); DataError naming it otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
 
 
 def manifest_examples(manifest: Path) -> tuple[list[Example], list[Problem]]:
     examples, problems = [], []
-    lines = manifest.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(manifest, "the manifest").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -96,12 +111,15 @@ def centre_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1]. Raises DataError naming the file if it cannot be decoded."""
+    """(3, size, size) float32 in [-1, 1]. Raises DataError naming the file if it cannot be used: the checks
+    and conversions of the pipeline's images (flashsd3/images.py: decompression bombs refused before
+    decoding, 16-bit images scaled by their range)."""
+    from ..images import ImageError, read_image, to_rgb
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # decodes the whole file: truncated data fails here, not later
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (OSError), truncated data, broken PNG
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        im = to_rgb(read_image(path))  # decodes the whole file: truncated data fails here, not later
+    except ImageError as e:
+        raise DataError(f"{path}: {e.reason}") from None
     pixels = np.asarray(centre_crop_resize(im, size), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
 

@@ -7,13 +7,17 @@ diffusers: `examples/dreambooth/train_dreambooth_lora_sd3.py` (same objective, S
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from .. import rng
 from ..sampling import cfg_denoiser, flow_match_sigmas, sample_euler
-from .config import TrainConfig, opt
+from .config import TrainConfig, flag, opt
 from .loop import Batch
 from .objectives import (
     drop_conditioning,
@@ -21,9 +25,10 @@ from .objectives import (
     logit_normal_sigmas,
     uniform_sigmas,
 )
-from .trainable import make_trainable, save_trained
+from .trainable import save_trained, set_trainable
 
 SHIFT = 3.0  # SD3-medium scheduler_config.json, as pipeline.SHIFT (not imported: pipeline imports transformers)
+STEP_DRAWS = 0  # the key of a step's draws (sigmas, noise, caption dropout): rng.step_generator(seed, step, 0)
 
 
 @dataclass(frozen=True)
@@ -41,19 +46,28 @@ class FlowConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.caption_dropout <= 1 or not self.shift > 0 or not self.logit_std > 0:
-            raise ValueError(f"need 0 <= caption_dropout <= 1, shift > 0, logit_std > 0; got {self.caption_dropout}, "
-                             f"{self.shift}, {self.logit_std}")
+        bad = [f"{flag(n)} must be {rule}, got {getattr(self, n)}" for n, rule, ok in (
+            ("caption_dropout", "in [0, 1]", 0 <= self.caption_dropout <= 1),
+            ("shift", "finite and > 0", 0 < self.shift < math.inf),
+            ("logit_std", "finite and > 0", 0 < self.logit_std < math.inf),
+            ("logit_mean", "finite", math.isfinite(self.logit_mean))) if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 class FlowTask:
     """SD3's objective on adapters or chosen weights of the transformer (loop.Task)."""
 
-    def __init__(self, cfg: FlowConfig, transformer, data, ranks):
-        make_trainable(cfg, transformer)
-        self.cfg, self.module = cfg, transformer
+    def __init__(self, cfg: FlowConfig, transformer, data, device: torch.device, autocast):
+        self.cfg, self.autocast = cfg, autocast
+        self.module = self.trained_module(cfg, transformer, data.latent_side)
         context, pooled, _ = data.prompt_file("empty.safetensors")
-        self.empty = (context.to(ranks.device, torch.float32), pooled.to(ranks.device, torch.float32))
+        self.empty = (context.to(device, torch.float32), pooled.to(device, torch.float32))
+
+    @staticmethod
+    def trained_module(cfg: FlowConfig, transformer: nn.Module, latent_side: int) -> nn.Module:
+        set_trainable(cfg, transformer)
+        return transformer
 
     def sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
         c = self.cfg
@@ -61,14 +75,18 @@ class FlowTask:
             return uniform_sigmas(n, shift=c.shift, generator=generator)
         return logit_normal_sigmas(n, mean=c.logit_mean, std=c.logit_std, shift=c.shift, generator=generator)
 
-    def loss(self, module, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def step(self, batch: Batch, update: Callable[[torch.Tensor], float]) -> dict:
+        """One flow-matching update on this rank's rows; every draw is made for the global batch."""
         B, rows, x0 = batch.global_size, batch.rows, batch.latents
+        generator = rng.step_generator(self.cfg.seed, batch.step, STEP_DRAWS)
         sigma = self.sigmas(B, generator)[rows]  # draws for the global batch, this rank's rows
         noise = torch.randn((B, *x0.shape[1:]), generator=generator)[rows].to(x0.device, x0.dtype)
         u = torch.rand(B, generator=generator)[rows]
-        cond = drop_conditioning((batch.context, batch.pooled), self.empty, self.cfg.caption_dropout, u=u)
-        loss = flow_matching_loss(module, x0, cond, sigma.to(x0.device), noise)
-        return loss, {"sigma": sigma.mean().item(), "dropped": (u < self.cfg.caption_dropout).float().mean().item()}
+        with self.autocast:
+            cond = drop_conditioning((batch.context, batch.pooled), self.empty, self.cfg.caption_dropout, u=u)
+            loss = flow_matching_loss(self.module, x0, cond, sigma.to(x0.device), noise)
+        return {"loss": loss.item(), "grad_norm": update(loss), "sigma": sigma.mean().item(),
+                "dropped": (u < self.cfg.caption_dropout).float().mean().item()}
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from .. import rng
+from ..outputs import atomic_write
 from . import models
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int, text: dict[str, str]) -> None:
     """Tile (n, 3, H, W) images in [0, 1] row-major into one PNG with `text` in its metadata."""
-    from .checkpoint import atomic_file
-
     n, _, h, w = images.shape
     rows = -(-n // columns)
     grid = images.new_zeros(3, rows * h, columns * w)
@@ -22,21 +22,21 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, text: dict[str, st
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    atomic_file(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
 
 
 class GridMaker:
     """Rank 0's sample grids: holds the VAE (decoder use only) and the cached prompt embeddings."""
 
-    def __init__(self, cfg, data, model: str, ranks):
-        self.cfg, self.device = cfg, ranks.device
+    def __init__(self, cfg, data, model: str, device: torch.device):
+        self.cfg, self.device = cfg, device
         self.context, self.pooled, self.prompts = data.prompt_file("prompts.safetensors")
-        self.vae = models.load_vae(model, torch.float32, ranks.device)
+        self.vae = models.training_vae(model, torch.float32, device)
         size = data.spec.resolution // self.vae.downscale
         # image k's noise from sample_seed + k (CPU generator, as the pipeline), the same at every grid
-        self.noise = torch.stack([torch.randn(data.spec.latent_channels, size, size,
-                                              generator=torch.Generator().manual_seed(cfg.sample_seed + k))
-                                  for k in range(len(self.prompts))])
+        self.noise = rng.randn([rng.offset_generator(cfg.sample_seed, k) for k in range(len(self.prompts))],
+                               (data.spec.latent_channels, size, size))
 
     @torch.no_grad()
     def save(self, task, step: int, autocast) -> Path:

@@ -1,38 +1,45 @@
 """The training loop every objective shares, top to bottom as nanoGPT's train.py: torchrun environment ->
-process group -> model + trainable parameters -> DDP -> AdamW -> steps (loss, backward, clip, step, log,
-sample grid, checkpoint) -> final weights. The objective is a `Task` (flow.py: SD3's flow matching; flash.py:
-Flash distillation); this file knows no loss.
+process group -> every check, then the run folder -> model + trainable parameters -> AdamW -> steps (batch,
+learning rate, the objective's step, log, sample grid, checkpoint) -> final weights. The objective is a `Task`
+(flow.py: SD3's flow matching; flash/task.py: Flash distillation) that owns its whole step and finishes each of
+its updates through the one `OptimizerStep`; this file knows no loss.
 
-Determinism: the data order and every random draw of a step come from generators keyed by (seed, step) and
-drawn for the whole global batch, each rank taking its rows. A run's trajectory therefore does not depend on
-the number of ranks (up to float summation order) nor on where it was interrupted and resumed (bitwise on CPU).
+Determinism: the data order and every random draw of a step come from generators keyed by (seed, step)
+(flashsd3/rng.py) and drawn for the whole global batch, each rank taking its rows. A run's trajectory therefore
+does not depend on the number of ranks (up to float summation order) nor on where it was interrupted and
+resumed (bitwise on CPU).
 """
 from __future__ import annotations
 
-import json
-import os
+import math
 import signal
+import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import models
+from .. import rng
+from ..distributed import Ranks, resolve_device
+from ..outputs import atomic_json
+from . import folder, models
 from .cache import CachedData
-from .checkpoint import atomic_json, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import Checkpoint, resume_point, save_checkpoint
+from .config import TrainConfig, config_differences, flat
+from .folder import RunError
 from .grid import GridMaker
 
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports SIGINT
+DATA_ORDER = 1  # the loop's stream of rng.step_generator: the epoch's example order (flow.py draws from 0)
 
 
-class RunError(ValueError):
-    """The run cannot start as asked (output folder, batch size, resume); one line for the user."""
+class NonFinite(ArithmeticError):
+    """A loss, gradient or update that is not finite: the run stops before it is kept."""
 
 
 @dataclass
@@ -43,18 +50,24 @@ class Batch:
     context: torch.Tensor  # (b, L, context_dim)
     pooled: torch.Tensor  # (b, pooled_dim)
     rows: slice  # this rank's rows of the global batch
+    indices: list[int]  # the rows' example indices in the cache
     global_size: int  # B, all ranks together
     step: int
 
 
 class Task(Protocol):
-    """An objective: what trains, its loss, how it samples. See flow.FlowTask."""
+    """An objective: what trains, its step, how it samples. See flow.FlowTask and flash.task.FlashTask."""
 
-    module: nn.Module  # holds every trained parameter (requires_grad=True) and is what DDP wraps
+    module: nn.Module  # holds every trained parameter (requires_grad=True): the checkpoint's tensors
 
-    def loss(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """module: `self.module` or its DDP wrapper (call it, not self.module, so gradients are averaged).
-        generator: keyed by (seed, step); draw for batch.global_size samples, then take batch.rows."""
+    @staticmethod
+    def trained_module(cfg: TrainConfig, transformer: nn.Module, latent_side: int) -> nn.Module:
+        """Make the trained parameters on `transformer` (also a meta-device one: the checks before a run starts)
+        and return the module holding them all."""
+
+    def step(self, batch: Batch, update: Callable[[torch.Tensor], float]) -> dict:
+        """Batch `batch.step`: forward passes and losses, each finished by update(loss) -> gradient norm (the
+        loop's OptimizerStep); returns the logs, "loss" first."""
 
     def sample(self, context: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Latents for the sample grid from noise (n, C, h, w), under no_grad."""
@@ -62,120 +75,49 @@ class Task(Protocol):
     def save_final(self, out: Path) -> None:
         """Write the trained weights in their published layout (rank 0 only)."""
 
-    # Optional: param_groups(named) -> AdamW parameter groups; ddp_kwargs: dict for DistributedDataParallel.
-    # Optional, instead of `loss`: update(module, batch, generator, optimizer, autocast) -> logs ("loss" first)
-    # makes the whole step itself (backward, gradient averaging over ranks, optimiser steps); flash.FlashTask.
+
+# The one optimiser step -----------------------------------------------------------------------------
+
+@dataclass
+class OptimizerStep:
+    """backward, then the update every objective ends each pass with: average the gradients over ranks, clip
+    their global norm, step, zero. Returns the norm; NonFinite (nothing stepped) on a non-finite gradient, or
+    after an update that left a parameter non-finite.
+
+    Gradient accumulation would go here (backward every micro-batch, step every Nth); FSDP2 (`fully_shard` per
+    block, torchtitan `parallelize.py`) reduces gradients itself, so `ranks.average` would go; an LR scheduler
+    lives in `lr_factor`."""
+
+    optimizer: torch.optim.Optimizer
+    clip: float  # 0: off
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def __call__(self, loss: torch.Tensor) -> float:
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.ranks.average([p.grad for p in params])  # one all_reduce: DDP's average, for every objective
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFinite(f"the gradient norm is {norm}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.stack([p.isfinite().all() for p in params]).all():
+            raise NonFinite("the update left parameters that are not finite")
+        return norm
 
 
-# Ranks ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_ranks(device: str) -> Ranks:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Ranks(int(os.environ.get("RANK", "0")), world, dev)
-
-
-def close_ranks(ranks: Ranks, finished: bool) -> None:
-    """After a finished run every rank meets once more (no rank exits while another still writes); after an
-    error a rank leaves at once (torchrun stops the others)."""
-    if ranks.world > 1 and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_sum(ranks: Ranks, values: list[float]) -> list[float]:
-    if ranks.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# Determinism ------------------------------------------------------------------------------------
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator keyed by (seed, step, stream): the same draws on every rank and after a resume."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) << 32) + step)
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the learning rate at `step`: linear warm-up, then constant (an LR schedule goes here)."""
+    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
 
 
 def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     """Example indices of global batch `step`: one permutation per epoch, the incomplete tail dropped."""
     per_epoch = n // batch_size
     epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+    order = torch.randperm(n, generator=rng.step_generator(seed, epoch, DATA_ORDER))
     return order[k * batch_size:(k + 1) * batch_size].tolist()
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of each parameter group's learning rate at `step`: linear warm-up, then constant."""
-    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-
-
-# Output folder ----------------------------------------------------------------------------------
-
-RUN_FILES = ("config.json", "metrics.jsonl", "done.json", "checkpoints", "samples", "lora", "trained.safetensors")
-
-
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run: a finished or started run needs --resume or --overwrite."""
-    if overwrite or resume or not out.exists():
-        return
-    done = out / "done.json"
-    if done.is_file():
-        step = json.loads(done.read_text())["step"]
-        raise RunError(f"{out} holds a finished run ({step} steps): --resume (with more --steps) to continue it, "
-                       "--overwrite to replace it, or another --out")
-    ckpts = list_checkpoints(out / "checkpoints")
-    if ckpts or (out / "config.json").exists():
-        at = f" (last checkpoint {ckpts[-1].name})" if ckpts else ""
-        raise RunError(f"{out} holds a run in progress{at}: --resume to continue it, --overwrite to replace it, "
-                       "or another --out")
-
-
-def clear_run(out: Path) -> None:
-    import shutil
-
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (a killed run may have logged beyond its last checkpoint)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        atomic_json_lines(path, lines)
-
-
-def atomic_json_lines(path: Path, lines: list[str]) -> None:
-    from .checkpoint import atomic_file
-
-    atomic_file(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines), encoding="utf-8"))
 
 
 # Ctrl-C -----------------------------------------------------------------------------------------
@@ -199,28 +141,38 @@ def stop_requests():
             signal.signal(s, h)
 
 
-# The loop ---------------------------------------------------------------------------------------
+# Starting a run -------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, build_task, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Run (or resume) a training run; returns the exit status (0, or 130 after Ctrl-C).
+def train(cfg: TrainConfig, task_cls, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Run (or resume) a training run; returns the exit status (0, or 130 after Ctrl-C); NonFinite ends it.
 
-    build_task(cfg, transformer, data, ranks) -> Task makes the objective: it chooses what trains
-    (adapters or weights of the frozen transformer) and may add modules of its own to `Task.module`.
-    """
-    ranks = setup_ranks(cfg.device)
+    task_cls(cfg, transformer, data, device, autocast) -> Task makes the objective on the frozen transformer."""
+    ranks = Ranks.from_env()
+    device = resolve_device(cfg.device, ranks.local_rank)
+    ranks.start(device)
     finished = False
     try:
-        code = _run(cfg, build_task, ranks, resume, overwrite)
+        code = _run(cfg, task_cls, ranks, device, resume, overwrite)
         finished = True
         return code
-    finally:
-        close_ranks(ranks, finished)
+    finally:  # after a finished run every rank meets once more; after an error a rank leaves at once
+        ranks.close(synchronize=finished)
 
 
-def _open_run(cfg: TrainConfig, ranks: Ranks, resume: bool, overwrite: bool) -> tuple[CachedData, str, Path | None]:
-    """Checks every rank makes before rank 0 writes anything; returns (data, model, checkpoint to resume)."""
+@dataclass
+class Opened:
+    """What the checks before a run found: the data, the model to load, the checkpoint to continue from."""
+
+    data: CachedData
+    model: str
+    checkpoint: Checkpoint | None
+
+
+def open_run(cfg: TrainConfig, task_cls, ranks: Ranks, resume: bool, overwrite: bool) -> Opened:
+    """Every check every rank makes (on the data, the model's config, the trained parameters on a meta-device
+    model, the checkpoint to resume) before rank 0 creates or changes anything in the run folder."""
     out = Path(cfg.out)
-    check_out_dir(out, resume, overwrite)
+    folder.check_out(out, resume, overwrite)
     data = CachedData(cfg.cache)
     model = models.model_id(cfg.model) if cfg.model else data.spec.model
     data.check(model)
@@ -228,33 +180,26 @@ def _open_run(cfg: TrainConfig, ranks: Ranks, resume: bool, overwrite: bool) -> 
         raise RunError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {ranks.world} ranks")
     if len(data) < cfg.batch_size:
         raise RunError(f"the cache holds {len(data)} examples, fewer than one batch of {cfg.batch_size}")
-    ckpts = list_checkpoints(out / "checkpoints") if resume and not overwrite else []
-    if ranks.world > 1:
-        dist.barrier()  # every rank has looked at the folder before rank 0 changes it
+    meta = models.meta_transformer(model, data.spec.resolution, f"the cache {data.folder}")
+    module = task_cls.trained_module(cfg, meta, data.latent_side)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+    ckpt = None
+    if resume and not overwrite:
+        def warn(msg: str) -> None:
+            if ranks.main:
+                print(f"flashsd3-train: warning: {msg}", file=sys.stderr, flush=True)
+
+        ckpt = resume_point(out / "checkpoints", shapes, lambda c: config_differences(type(cfg), cfg, c), warn)
+        if ckpt is not None and cfg.steps < ckpt.step:
+            raise RunError(f"--steps {cfg.steps} is below the run's step {ckpt.step} ({ckpt.path.name}): a resumed "
+                           f"run continues to more steps")
+    ranks.barrier()  # every rank has looked at the folder before rank 0 changes it
     if ranks.main:
-        if overwrite:
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "done.json").unlink(missing_ok=True)
-        trim_metrics(out / "metrics.jsonl", int(ckpts[-1].name[5:]) if ckpts else 0)
-        atomic_json(out / "config.json", {"command": cfg.command, **asdict(cfg)})
-    return data, model, (ckpts[-1] if ckpts else None)
+        folder.start(out, cfg.command, flat(cfg), overwrite, ckpt.step if ckpt else None)
+    return Opened(data, model, ckpt)
 
 
-def _restore(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
-    tensors, state = load_checkpoint(path)
-    if sorted(tensors) != sorted(named):
-        extra, missing = sorted(set(tensors) - set(named)), sorted(set(named) - set(tensors))
-        raise RunError(f"{path} does not match this run's trained parameters (extra {extra[:3]}, "
-                       f"missing {missing[:3]}): resume with the run's own configuration")
-    with torch.no_grad():
-        for name, p in named.items():
-            p.copy_(tensors[name])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
-
-
-def _precision(cfg: TrainConfig, device: torch.device):
+def precision(cfg: TrainConfig, device: torch.device):
     """(autocast context, base weight dtype): bf16 autocast where asked (default on CUDA), else fp32."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if not bf16:
@@ -268,43 +213,45 @@ class Run:
 
     cfg: TrainConfig
     task: Task
-    module: nn.Module  # task.module, or its DDP wrapper
-    named: dict[str, nn.Parameter]  # the trained parameters by name (checkpoint keys)
+    named: dict[str, nn.Parameter]  # the trained parameters by name (checkpoint keys), in optimiser order
     optimizer: torch.optim.Optimizer
+    update: OptimizerStep
     data: CachedData
     ranks: Ranks
+    device: torch.device
     autocast: object  # a context manager: bf16 autocast or nullcontext
     out: Path
+    checkpointed: int | None = None  # step of the newest checkpoint on disk
 
 
-def _run(cfg: TrainConfig, build_task, ranks: Ranks, resume: bool, overwrite: bool) -> int:
-    data, model_name, ckpt = _open_run(cfg, ranks, resume, overwrite)
-    autocast, base_dtype = _precision(cfg, ranks.device)
-    transformer = models.load_transformer(model_name, torch.float32 if cfg.train_modules else base_dtype, ranks.device)
-    task = build_task(cfg, transformer, data, ranks)
+def _run(cfg: TrainConfig, task_cls, ranks: Ranks, device: torch.device, resume: bool, overwrite: bool) -> int:
+    opened = open_run(cfg, task_cls, ranks, resume, overwrite)
+    autocast, base_dtype = precision(cfg, device)
+    transformer = models.training_transformer(opened.model, torch.float32 if cfg.train_modules else base_dtype,
+                                              device)
+    task = task_cls(cfg, transformer, opened.data, device, autocast)
     named = {n: p for n, p in task.module.named_parameters() if p.requires_grad}
-    # A task may ask for parameter groups (e.g. another lr for a discriminator); lr_factor scales each group's lr.
-    groups = task.param_groups(named) if hasattr(task, "param_groups") else [{"params": list(named.values())}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
-    step = _restore(ckpt, named, optimizer) if ckpt else 0
-    module = task.module
-    if ranks.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # a task whose steps leave some trained parameters unused (e.g. alternating updates) sets
-        # ddp_kwargs = {"find_unused_parameters": True}
-        module = DDP(task.module, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
-                     **getattr(task, "ddp_kwargs", {}))
+    # One parameter group; a task wanting another lr for some parameters would return groups here.
+    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    ckpt, step = opened.checkpoint, 0
+    if ckpt is not None:
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(ckpt.tensors[name])
+        optimizer.load_state_dict(ckpt.optimizer)
+        step = ckpt.step
     if ranks.main:
         n = sum(p.numel() for p in named.values())
         print(f"training {n:,} parameters in {len(named)} tensors, from step {step} to {cfg.steps}"
-              f"{f' (resumed from {ckpt})' if ckpt else ''}; {ranks.world} rank(s), {len(data)} examples", flush=True)
-    run = Run(cfg, task, module, named, optimizer, data, ranks, autocast, Path(cfg.out))
-    grids = GridMaker(cfg, data, model_name, ranks) if ranks.main and cfg.sample_every else None
+              f"{f' (resumed from {ckpt.path})' if ckpt else ''}; {ranks.world} rank(s), {len(opened.data)} examples",
+              flush=True)
+    run = Run(cfg, task, named, optimizer, OptimizerStep(optimizer, cfg.grad_clip, ranks), opened.data, ranks,
+              device, autocast, Path(cfg.out), step if ckpt else None)
+    grids = GridMaker(cfg, opened.data, opened.model, device) if ranks.main and cfg.sample_every else None
     return _loop(run, step, grids)
 
+
+# The loop ---------------------------------------------------------------------------------------
 
 def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
     from tqdm import tqdm
@@ -314,15 +261,22 @@ def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
     start, first = time.perf_counter(), step
     with stop_requests() as flag:
         while step < cfg.steps:
-            logs = _step(run, step)
+            try:
+                logs = _step(run, step)
+            except NonFinite as e:
+                raise NonFinite(_stopped(run, step + 1, str(e))) from None
             step += 1
-            *values, stop = all_sum(ranks, [*logs.values(), float(flag["stop"])])  # every rank stops together
+            *values, stop = ranks.all_sum([*logs.values(), float(flag["stop"])], run.device)  # all stop together
             logs = {k: v / ranks.world for k, v in zip(logs, values, strict=True)}
+            if not all(math.isfinite(v) for v in logs.values()):
+                bad = ", ".join(f"{k} {v}" for k, v in logs.items() if not math.isfinite(v))
+                raise NonFinite(_stopped(run, step, f"the step logged {bad}"))
             if ranks.main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 rate = (step - first) / (time.perf_counter() - start)
-                _log(run.out, {"step": step, **logs, "lr": cfg.lr * lr_factor(cfg, step - 1), "it_s": rate})
+                folder.log_metrics(run.out, {"step": step, **logs, "lr": cfg.lr * lr_factor(cfg, step - 1),
+                                             "it_s": rate})
             if grids is not None and not stop and (step % cfg.sample_every == 0 or step == cfg.steps):
                 grids.save(run.task, step, run.autocast)
             if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -342,39 +296,26 @@ def _loop(run: Run, step: int, grids: GridMaker | None) -> int:
 
 
 def _step(run: Run, step: int) -> dict:
-    """One optimiser step on this rank's rows of global batch `step`; returns its logs (loss first)."""
+    """One batch on this rank's rows of global batch `step`; returns its logs (loss first)."""
     cfg, ranks = run.cfg, run.ranks
     b = cfg.batch_size // ranks.world
     rows = slice(ranks.rank * b, (ranks.rank + 1) * b)
     indices = global_batch(step, len(run.data), cfg.batch_size, cfg.seed)[rows]
-    latents, context, pooled = (t.to(ranks.device, torch.float32) for t in run.data.batch(indices))  # autocast casts
-    torch.manual_seed(((cfg.seed * 1_000_003 + 2 + ranks.rank) << 32) + step)  # per-rank, per-step global RNG
+    latents, context, pooled = (t.to(run.device, torch.float32) for t in run.data.batch(indices))  # autocast casts
     for group in run.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor(cfg, step)
-    batch = Batch(latents, context, pooled, rows, cfg.batch_size, step)
-    if hasattr(run.task, "update"):  # an objective with its own update scheme (flash: alternating G and D steps)
-        return run.task.update(run.module, batch, step_generator(cfg.seed, step), run.optimizer, run.autocast)
-    with run.autocast:
-        loss, logs = run.task.loss(run.module, batch, step_generator(cfg.seed, step))
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(run.named.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), "grad_norm": norm.item(), **{k: float(v) for k, v in logs.items()}}
+        group["lr"] = cfg.lr * lr_factor(cfg, step)
+    return run.task.step(Batch(latents, context, pooled, rows, indices, cfg.batch_size, step), run.update)
 
 
-def _log(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _stopped(run: Run, step: int, what: str) -> str:
+    kept = (f"the last checkpoint, step {run.checkpointed}, is kept (--resume continues from it)"
+            if run.checkpointed is not None else "no checkpoint was written")
+    return f"step {step}: {what}; stopped without keeping this step: {kept}; try a lower --lr"
 
 
 def _checkpoint(run: Run, step: int) -> None:
-    cfg = run.cfg
     if run.ranks.main:
-        per_epoch = len(run.data) // cfg.batch_size
-        position = {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}
-        extra = {"config": asdict(cfg), "param_names": list(run.named), "data_position": position}
-        save_checkpoint(run.out / "checkpoints", step, dict(run.named), run.optimizer, extra,
-                        keep=cfg.keep_checkpoints)
-    if run.ranks.world > 1:
-        dist.barrier()  # nobody runs ahead of (or exits before) a checkpoint being written
+        save_checkpoint(run.out / "checkpoints", step, run.named, run.optimizer, flat(run.cfg),
+                        keep=run.cfg.keep_checkpoints)
+    run.checkpointed = step
+    run.ranks.barrier()  # nobody runs ahead of (or exits before) a checkpoint being written

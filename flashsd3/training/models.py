@@ -1,8 +1,10 @@
-"""The models a training command loads, each only where it is needed.
+"""The models a training command loads, each only where it is needed, from the name a cache and a run record.
 
-`prepare` loads the VAE and the two CLIP encoders (never the transformer); `flow` loads the transformer, and
-the VAE only on the rank that draws sample grids. `DEMO_MODEL` names the offline demo (FlashSD3Pipeline.demo,
-seed 0): the same random weights `flashsd3-sample --demo` builds, so an adapter trained on it loads there.
+`prepare` loads the VAE and the two CLIP encoders (never the transformer); `flow` and `flash` load the
+transformer, and the VAE only on the rank that draws sample grids (or for Flash's LPIPS loss). Before any of
+that, a run checks itself against the transformer's config alone (`meta_transformer`: no weight read).
+`DEMO_MODEL` names the offline demo (flashsd3/demo.py, seed 0): the same random weights `flashsd3-sample --demo`
+builds, so an adapter trained on it loads there.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEMO, DEMO_VAE, SD3_MEDIUM
+from ..config import DEMO, SD3_MEDIUM, MMDiTConfig
 from ..hub import PIPELINE_PATTERNS, looks_like_repo_id, resolve
+from ..rules import VAE_DOWNSCALE
 
 DEMO_MODEL = "demo"
 
@@ -24,25 +27,12 @@ def model_id(model: str) -> str:
     return str(Path(model).expanduser().resolve())
 
 
-def _demo():
-    from ..pipeline import FlashSD3Pipeline
-
-    return FlashSD3Pipeline.demo(seed=0)
-
-
-def _demo_transformer_and_vae():
-    """FlashSD3Pipeline.demo(seed=0)'s transformer and VAE, built in its order from its seed, without the
-    text encoders (whose import, transformers, costs seconds); tests/test_training_data.py pins the equality."""
-    from ..mmdit import MMDiT
-    from ..vae import VAE
-
-    torch.manual_seed(0)
-    transformer = MMDiT(DEMO).eval()
-    return transformer, VAE(DEMO_VAE).eval()
-
-
 def _root(model: str) -> Path:
     return resolve(model, patterns=PIPELINE_PATTERNS, what="model")
+
+
+def _part(root: Path, name: str) -> Path:
+    return root if root.is_file() else root / name
 
 
 def context_dim(root: Path) -> int:
@@ -53,42 +43,67 @@ def context_dim(root: Path) -> int:
     return SD3_MEDIUM.context_dim  # a Stability single file: SD3's 4096
 
 
+def transformer_config(model: str) -> MMDiTConfig:
+    """The transformer's config, from config.json or the safetensors headers (no tensor is read)."""
+    if model == DEMO_MODEL:
+        return DEMO
+    from ..mmdit.loading import transformer_config as read
+
+    return read(_part(_root(model), "transformer"))
+
+
+def meta_transformer(model: str, resolution: int, images: str):
+    """The MMDiT of `model` on the meta device (shapes and names, no weights), checked to take `resolution`-pixel
+    `images` (its position table: pos_embed_max_size tokens of patch x VAE pixels a side)."""
+    from ..mmdit import MMDiT
+
+    config = transformer_config(model)
+    factor = config.patch_size * VAE_DOWNSCALE
+    if resolution // factor > config.pos_embed_max_size:
+        raise ValueError(f"{images} holds {resolution}-pixel images, beyond the position table of the model "
+                         f"{model}: at most {config.pos_embed_max_size * factor} pixels a side")
+    with torch.device("meta"):
+        return MMDiT(config)
+
+
 def load_encoders(model: str, dtype: torch.dtype, device: torch.device):
     """(VAE, TextEncoders) of `model` (a diffusers folder, a single file, a hub id or "demo"), frozen, eval."""
     from ..text_encoders import TextEncoders
     from ..vae import load_vae
 
     if model == DEMO_MODEL:
-        pipe = _demo()
-        vae, text = pipe.vae, pipe.text_encoders
+        from ..demo import demo_text_encoders
+
+        vae, text = training_vae(model, dtype, device), demo_text_encoders(DEMO, seed=0)
     else:
         root = _root(model)
-        vae = load_vae(root if root.is_file() else root / "vae", dtype=dtype, device=device)
+        vae = load_vae(_part(root, "vae"), dtype=dtype, device=device)
         make = TextEncoders.from_single_file if root.is_file() else TextEncoders.from_diffusers_folder
         text = make(root, dtype=dtype, device=device, context_dim=context_dim(root))
     return vae.to(device, dtype).requires_grad_(False).eval(), text.to(device, dtype)
 
 
-def load_transformer(model: str, dtype: torch.dtype, device: torch.device):
-    """The MMDiT to fine-tune, all weights frozen (the caller chooses what trains)."""
-    from ..mmdit import load_transformer as load
-
+def training_transformer(model: str, dtype: torch.dtype, device: torch.device):
+    """The MMDiT to train, all weights frozen (the task chooses what trains)."""
     if model == DEMO_MODEL:
-        transformer = _demo_transformer_and_vae()[0]
+        from ..demo import demo_transformer_and_vae
+
+        transformer = demo_transformer_and_vae(seed=0)[0]
     else:
-        root = _root(model)
-        transformer = load(root if root.is_file() else root / "transformer", dtype=dtype, device=device)
+        from ..mmdit import load_transformer
+
+        transformer = load_transformer(_part(_root(model), "transformer"), dtype=dtype, device=device)
     return transformer.to(device, dtype).requires_grad_(False)
 
 
-def load_vae(model: str, dtype: torch.dtype, device: torch.device):
-    """The VAE alone (sample grids decode with it)."""
-    from ..vae import load_vae as load
-
+def training_vae(model: str, dtype: torch.dtype, device: torch.device):
+    """The VAE alone (sample grids and Flash's LPIPS loss decode with it), frozen, eval."""
     if model == DEMO_MODEL:
-        vae = _demo_transformer_and_vae()[1]
-    else:
-        root = _root(model)
-        vae = load(root if root.is_file() else root / "vae", dtype=dtype, device=device)
-    return vae.to(device, dtype).requires_grad_(False).eval()
+        from ..demo import demo_transformer_and_vae
 
+        vae = demo_transformer_and_vae(seed=0)[1]
+    else:
+        from ..vae import load_vae
+
+        vae = load_vae(_part(_root(model), "vae"), dtype=dtype, device=device)
+    return vae.to(device, dtype).requires_grad_(False).eval()

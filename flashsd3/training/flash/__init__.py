@@ -1,36 +1,39 @@
-"""Flash Diffusion distillation (arXiv 2406.02347): recipe, losses, one iteration, models from one MMDiT."""
-from .losses import (
+"""Flash Diffusion distillation (arXiv 2406.02347), one concept per file:
+
+recipe.py         FlashRecipe (every setting, cited) and the start-index mixture
+losses.py         the distillation loss (L2, LPIPS) and the DMD term
+discriminator.py  the discriminator: teacher features, head and its sizing, both LSGAN losses
+step.py           one iteration: start points, teacher target, generator and discriminator losses, flash_step
+models.py         the student, teacher and features from one MMDiT with trainable adapters
+task.py           FlashConfig and FlashTask: `flashsd3-train flash` on the training loop
+"""
+from .discriminator import (
     DiscriminatorHead,
-    LpipsDistill,
-    distill_l2,
-    dmd_loss,
+    disc_head_downsamples,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
+    make_head,
+    teacher_features,
 )
-from .models import make_head, mmdit_flash_models
-from .recipe import (
-    FlashRecipe,
-    disc_head_downsamples,
-    draw_guidance,
-    draw_start_index,
-    expected_teacher_steps,
-    mixture_probs,
-)
+from .losses import LpipsDistill, distill_l2, dmd_loss
+from .models import mmdit_flash_models
+from .recipe import FlashRecipe, draw_guidance, draw_start_index, expected_teacher_steps, mixture_probs
 from .step import (
-    BankStart,
     FlashBatch,
     FlashModels,
+    Start,
     StepRandom,
     discriminator_loss,
     dmd_velocities,
-    flash_update,
+    flash_step,
     generator_loss,
+    noised_data_start,
     student_x0,
     teacher_target,
 )
 
-__all__ = ["BankStart", "DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "StepRandom",
+__all__ = ["DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "Start", "StepRandom",
            "disc_head_downsamples", "discriminator_loss", "distill_l2", "dmd_loss", "dmd_velocities",
-           "draw_guidance", "draw_start_index", "expected_teacher_steps", "flash_update", "generator_loss",
+           "draw_guidance", "draw_start_index", "expected_teacher_steps", "flash_step", "generator_loss",
            "lsgan_discriminator_loss", "lsgan_generator_loss", "make_head", "mixture_probs", "mmdit_flash_models",
-           "student_x0", "teacher_target"]
+           "noised_data_start", "student_x0", "teacher_features", "teacher_target"]

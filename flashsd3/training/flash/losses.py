@@ -1,7 +1,7 @@
-"""The three losses of Flash Diffusion as small functions of tensors, and the discriminator head.
+"""The generator's distillation and DMD losses of Flash Diffusion as small functions of tensors (the adversarial
+pair lives with the discriminator, discriminator.py).
 
-Official code: gojasper/flash-diffusion `src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]) L373-602,
-head `examples/train_flash_sd3.py` ([T]) L144-183.
+Official code: gojasper/flash-diffusion `src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]) L373-496.
 All losses are computed in float32 (float64 for float64 inputs) and return a 0-dim tensor.
 """
 from __future__ import annotations
@@ -79,39 +79,3 @@ def dmd_loss(x0_hat: torch.Tensor, v_real: torch.Tensor, v_fake: torch.Tensor) -
     norm = 1.0 / ((x0.detach() - v_r).abs().flatten(1).mean(1) + 1e-5)  # (B,)
     grad = norm.view(-1, *([1] * (x0.ndim - 1))) * (v_r - v_f)
     return F.mse_loss(x0, (x0 - grad).detach())
-
-
-def lsgan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """L_adv = mean (sigmoid(D(h_fake)) - 1)^2 ([M] L582-590: LSGAN on sigmoid outputs)."""
-    return (torch.sigmoid(_up(logits_fake)) - 1).pow(2).mean()
-
-
-def lsgan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """L_D = 1/2 [mean (sigmoid(D(h_real)) - 1)^2 + mean sigmoid(D(h_fake))^2] ([M] L592-602); logits_fake
-    must come from detached features. At the LSGAN equilibrium (D outputs 1/2 everywhere) L_D = 0.25."""
-    real = (torch.sigmoid(_up(logits_real)) - 1).pow(2).mean()
-    fake = torch.sigmoid(_up(logits_fake)).pow(2).mean()
-    return 0.5 * (real + fake)
-
-
-class DiscriminatorHead(nn.Module):
-    """The recipe's conv head ([T] L144-183): Conv(c->64, k4 s2 p1) SiLU, then Conv(k4 s2 p1) GroupNorm(4) SiLU
-    doubling the width, `n_down` stride-2 convs in all, then Conv(->1, k4 s1 p0) and flatten -> (B, patches)
-    logits. Bias-free convs, no spectral norm. On the 16 x 128 x 128 teacher output: 4 downsamples, 25 logits.
-    """
-
-    def __init__(self, in_channels: int, n_down: int = 4, width: int = 64):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in, c_out = in_channels, width
-        for i in range(n_down):
-            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False))
-            if i > 0:
-                layers.append(nn.GroupNorm(4, c_out))
-            layers.append(nn.SiLU())
-            c_in, c_out = c_out, c_out * 2
-        layers += [nn.Conv2d(c_in, 1, 4, 1, 0, bias=False), nn.Flatten()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h.float())  # the head trains in float32 on features of any dtype

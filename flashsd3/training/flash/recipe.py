@@ -1,12 +1,17 @@
 """Flash Diffusion's recipe for SD3 as data: phases, the start-index mixture, loss weights, guidance range.
 
 Chadebec et al. 2024, "Flash Diffusion" (arXiv 2406.02347); numbers from the official code
-gojasper/flash-diffusion @ 3ffd9a83 `examples/configs/flash_sd3.yaml` ([Y]) and
-`src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]).
+gojasper/flash-diffusion @ 3ffd9a83: `examples/configs/flash_sd3.yaml` ([Y]),
+`src/flash/models/flash_sd3/flash_diffusion_model.py` ([M]), `examples/train_flash_sd3.py` ([T]) and
+`src/flash/trainer/trainer.py` ([TR]).
 
 Training starts from data noised at sigma_k of a K-step teacher grid; k is drawn from a phase-dependent
 mixture of narrow Gaussians over the grid indices (modes at 0, K/4, K/2, 3K/4) whose mass moves towards
 full noise (index 0) phase by phase, while the DMD and adversarial weights grow.
+
+`FlashRecipe` is every knob of the method: each field is a `flashsd3-train flash` flag and a config-file key
+(`teacher_steps` -> --teacher-steps, training/config.py), so a new knob is one field here. Variants (the toy's
+sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`.
 """
 from __future__ import annotations
 
@@ -16,81 +21,104 @@ from dataclasses import dataclass
 import torch
 
 from ...sampling import flash_sigmas, flow_match_sigmas
+from ..config import flag, opt
 from ..objectives import training_sigma_table
+
+CHOICES = {"mixture_modes": ("recipe", "sampler"), "distill_loss": ("l2", "lpips"), "disc_input": ("output", "blocks"),
+           "d_pass": ("fresh", "reuse")}
 
 
 @dataclass(frozen=True)
 class FlashRecipe:
     """Hyper-parameters of Flash distillation; defaults are the released SD3 recipe."""
 
-    K: int = 32  # teacher grid steps ([Y] L14 K: [32, 32, 32, 32])
-    shift: float = 3.0  # flow-matching shift of the grids (SD3-medium scheduler_config.json)
-    # Mode weights per phase at the mode indices ([Y] L28-33 MIXTURE_WEIGHTS).
-    mode_weights: tuple[tuple[float, ...], ...] = ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3),
-                                                   (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2))
-    mixture_std: float = 0.5  # std of each mode in index units ([Y] L22 MIXTURE_VAR 0.5 -> exp(-d^2 / 0.5))
-    # "recipe": modes at m * (K // n_modes) ([M] L157-177); "sampler" (an option, not the recipe): modes at the
-    # K-grid indices nearest to the `sampler_steps`-step Flash sampler's own sigmas.
-    modes: str = "recipe"
-    sampler_steps: int = 4
-    # Batches in phases 0, 1, 2; phase 3 runs to the end. The code's counter counts model forwards and
-    # advances twice per batch (G and D pass, [M] L236-240), so its 5000 per phase are 2500 batches.
-    phase_batches: tuple[int, ...] = (2500, 2500, 2500)
-    lambda_distill: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # [Y] L24
-    lambda_adv: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)  # [Y] L25
-    lambda_dmd: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)  # [Y] L26
-    guidance: tuple[float, float] = (7.0, 13.0)  # w ~ U[7, 13], one per batch ([Y] L16-17)
-    # Adversarial noise levels: positions in the 1000-entry training grid ([M] L523-535) -> sigma
-    # 0.0294, 0.5, 0.75, 0.9.
-    adv_positions: tuple[int, ...] = (-10, -250, -500, -750)
-    distill_loss: str = "l2"  # "lpips" in the released recipe (needs the lpips package + VGG weights), or "l2"
-    disc_input: str = "output"  # "output": the teacher's velocity, as the released code (its issue #20);
-    disc_blocks: tuple[int, ...] = ()  # "blocks": these teacher blocks' image tokens (the paper's intent)
-    d_pass: str = "fresh"  # "fresh": D update on a second forward with new randomness ([TR] L186-218); "reuse"
+    teacher_steps: int = opt(32, "K: steps of the teacher's Euler grid ([Y] L14 K: [32, 32, 32, 32])")
+    shift: float = opt(3.0, "shift of the teacher grid and of the Flash sampler (SD3-medium scheduler_config.json)")
+    guidance_min: float = opt(7.0, "teacher guidance w ~ U[min, max], one per batch ([Y] L16-17)")
+    guidance_max: float = opt(13.0, "see --guidance-min")
+    # The code's counter counts model forwards and advances twice per batch (G and D pass, [M] L236-240), so
+    # its 5000 per phase are 2500 batches.
+    phase_batches: tuple[int, ...] = opt((2500, 2500, 2500), "batches of phases 0, 1, 2 (the last phase runs on)")
+    lambda_distill: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "distillation weight per phase ([Y] L24)")
+    lambda_adv: tuple[float, ...] = opt((0.0, 0.1, 0.3, 0.5), "adversarial weight per phase ([Y] L25)")
+    lambda_dmd: tuple[float, ...] = opt((0.0, 0.3, 0.5, 0.7), "DMD weight per phase ([Y] L26)")
+    mode_weights: tuple[tuple[float, ...], ...] = opt(
+        ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3), (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2)),
+        "start-index mixture weights per phase at the modes, phases separated by '/' ([Y] L28-33)")
+    mixture_std: float = opt(0.5, "std of each mode in grid indices ([Y] L22 MIXTURE_VAR 0.5 -> exp(-d^2 / 0.5))")
+    mixture_modes: str = opt("recipe", "start-index modes: recipe (m * K // n, [M] L157-177) or sampler (the grid "
+                                       "indices nearest the Flash sampler's sigmas: an option, not the recipe)",
+                             choices=CHOICES["mixture_modes"])
+    sampler_steps: int = opt(4, "Flash sampler steps whose sigmas place the modes (--mixture-modes sampler)")
+    # -> sigma 0.0294, 0.5, 0.75, 0.9 on the 1000-entry training grid ([M] L523-535)
+    adv_positions: tuple[int, ...] = opt((-10, -250, -500, -750), "adversarial noise levels: positions in the "
+                                                                  "1000-entry training sigma table")
+    distill_loss: str = opt("l2", "l2 (latent) or lpips (the released recipe's; needs the lpips package, VGG weights "
+                                  "and the VAE)", choices=CHOICES["distill_loss"])
+    disc_input: str = opt("output", "discriminator input: the teacher's output (the released code, [M] L545-602) or "
+                                    "blocks (--disc-blocks' image tokens, the paper's intent)",
+                          choices=CHOICES["disc_input"])
+    disc_blocks: tuple[int, ...] = opt((), "teacher blocks whose image tokens the discriminator reads (blocks)")
+    disc_width: int = opt(64, "channels of the discriminator head's first conv ([T] L144-183)")
+    d_pass: str = opt("fresh", "discriminator step on a fresh forward with new randomness (recipe, [TR] L186-218) "
+                               "or reusing the generator pass's", choices=CHOICES["d_pass"])
 
     def __post_init__(self):
-        n_phases = len(self.mode_weights)
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        n = self.num_phases
+        bad = [f"{flag(k)} must be one of {', '.join(v)}, got {getattr(self, k)!r}" for k, v in CHOICES.items()
+               if getattr(self, k) not in v]
+        bad += [f"{flag(k)} must be >= 1, got {getattr(self, k)}" for k in ("teacher_steps", "sampler_steps",
+                                                                          "disc_width") if getattr(self, k) < 1]
+        bad += [f"{flag(k)} must be a finite number > 0, got {getattr(self, k)}" for k in ("shift", "mixture_std")
+                if not 0 < getattr(self, k) < math.inf]
+        if len(self.phase_batches) != n - 1 or any(b < 0 for b in self.phase_batches):
+            bad.append(f"--phase-batches needs {n - 1} batch counts >= 0 (phases 0..{n - 2}; the last phase runs "
+                       f"to the end), got {','.join(map(str, self.phase_batches))}")
         for name in ("lambda_distill", "lambda_adv", "lambda_dmd"):
-            if len(getattr(self, name)) != n_phases:
-                raise ValueError(f"FlashRecipe.{name} needs {n_phases} entries (one per phase), "
-                                 f"got {getattr(self, name)}")
-        if len(self.phase_batches) != n_phases - 1:
-            raise ValueError(f"FlashRecipe.phase_batches needs {n_phases - 1} lengths (the last phase runs to "
-                             f"the end), got {self.phase_batches}")
-        if len({len(w) for w in self.mode_weights}) != 1:
-            raise ValueError(f"FlashRecipe.mode_weights rows differ in length: {self.mode_weights}")
-        if self.modes not in ("recipe", "sampler"):
-            raise ValueError(f"FlashRecipe.modes must be 'recipe' or 'sampler', got {self.modes!r}")
-        if self.modes == "sampler" and self.sampler_steps != len(self.mode_weights[0]):
-            raise ValueError(f"modes='sampler' needs one weight per sampler step ({self.sampler_steps}), "
-                             f"got {len(self.mode_weights[0])} per phase")
-        if self.distill_loss not in ("l2", "lpips"):
-            raise ValueError(f"FlashRecipe.distill_loss must be 'l2' or 'lpips', got {self.distill_loss!r}")
-        if self.disc_input not in ("output", "blocks"):
-            raise ValueError(f"FlashRecipe.disc_input must be 'output' or 'blocks', got {self.disc_input!r}")
-        if (self.disc_input == "blocks") != bool(self.disc_blocks):
-            raise ValueError("FlashRecipe.disc_blocks must be given exactly when disc_input='blocks', "
-                             f"got disc_input={self.disc_input!r}, disc_blocks={self.disc_blocks}")
-        if self.d_pass not in ("fresh", "reuse"):
-            raise ValueError(f"FlashRecipe.d_pass must be 'fresh' or 'reuse', got {self.d_pass!r}")
-        if not 0 < self.guidance[0] <= self.guidance[1]:
-            raise ValueError(f"FlashRecipe.guidance must be (w_min, w_max) with 0 < w_min <= w_max, "
-                             f"got {self.guidance}")
+            values = getattr(self, name)
+            if len(values) != n or not all(0 <= v < math.inf for v in values):
+                bad.append(f"{flag(name)} needs {n} finite weights >= 0 (one per phase), got {values}")
+        modes = {len(w) for w in self.mode_weights}
+        if len(modes) != 1 or not all(0 <= v < math.inf for w in self.mode_weights for v in w) or \
+                not all(sum(w) > 0 for w in self.mode_weights):
+            bad.append(f"--mode-weights needs rows of equal length, weights >= 0 and a positive sum per phase, "
+                       f"got {self.mode_weights}")
+        elif self.mixture_modes == "sampler" and self.sampler_steps != modes.pop():
+            bad.append(f"--mixture-modes sampler places one mode per sampler step: --sampler-steps "
+                       f"{self.sampler_steps} needs as many weights per phase, got {len(self.mode_weights[0])}")
+        if not 0 < self.guidance_min <= self.guidance_max < math.inf:
+            bad.append(f"--guidance-min {self.guidance_min} and --guidance-max {self.guidance_max} must be finite "
+                       "with 0 < min <= max")
+        if not self.adv_positions or not all(-1000 <= p < 1000 for p in self.adv_positions):
+            bad.append(f"--adv-positions needs positions in -1000 .. 999, got {self.adv_positions}")
+        if (self.disc_input == "blocks") != bool(self.disc_blocks) or any(b < 0 for b in self.disc_blocks):
+            bad.append("--disc-blocks (block indices >= 0) must be given exactly when --disc-input is blocks, got "
+                       f"--disc-input {self.disc_input} --disc-blocks {','.join(map(str, self.disc_blocks)) or '-'}")
+        return bad
 
     @property
     def num_phases(self) -> int:
         return len(self.mode_weights)
 
+    @property
+    def guidance(self) -> tuple[float, float]:
+        return self.guidance_min, self.guidance_max
+
     def grid(self) -> torch.Tensor:
         """(K + 1,) float32 teacher grid sigma_0 = 1 > ... > sigma_{K-1} > 0 (the K-step inference table)."""
-        return flow_match_sigmas(self.K, self.shift)
+        return flow_match_sigmas(self.teacher_steps, self.shift)
 
     def mode_indices(self) -> tuple[int, ...]:
         """Grid indices of the mixture's modes: 0, 8, 16, 24 for K = 32 (recipe), or the nearest grid
         indices to the Flash sampler's sigmas (option); e.g. 4 steps at K = 32 -> 0, 10, 21, 31."""
         n = len(self.mode_weights[0])
-        if self.modes == "recipe":
-            return tuple(m * (self.K // n) for m in range(n))
+        if self.mixture_modes == "recipe":
+            return tuple(m * (self.teacher_steps // n) for m in range(n))
         grid = self.grid()[:-1]
         return tuple(int((grid - s).abs().argmin()) for s in flash_sigmas(self.sampler_steps, self.shift)[:-1])
 
@@ -110,8 +138,8 @@ def mixture_probs(recipe: FlashRecipe, phase: int) -> torch.Tensor:
     over i = 0..K-1 ([M] L21-41). Phase 3 of the recipe: P(0) = 0.3287, P(8) = P(16) = P(24) = 0.1643."""
     if not 0 <= phase < recipe.num_phases:
         raise ValueError(f"phase {phase} outside 0..{recipe.num_phases - 1}")
-    i = torch.arange(recipe.K, dtype=torch.float64)
-    mass = torch.zeros(recipe.K, dtype=torch.float64)
+    i = torch.arange(recipe.teacher_steps, dtype=torch.float64)
+    mass = torch.zeros(recipe.teacher_steps, dtype=torch.float64)
     for w, mu in zip(recipe.mode_weights[phase], recipe.mode_indices(), strict=True):
         mass += w * torch.exp(-((i - mu) ** 2) / (2 * recipe.mixture_std**2))
     return mass / mass.sum()
@@ -131,13 +159,4 @@ def draw_guidance(recipe: FlashRecipe, generator: torch.Generator | None = None)
 def expected_teacher_steps(recipe: FlashRecipe, phase: int) -> float:
     """E[K - k] under pi_phase: CFG Euler steps of the target solve per batch (recipe: 12.0, 17.4, 19.6, 21.9)."""
     p = mixture_probs(recipe, phase)
-    return float((p * (recipe.K - torch.arange(recipe.K, dtype=torch.float64))).sum())
-
-
-def disc_head_downsamples(side: int, max_down: int = 4) -> int:
-    """Stride-2 convs of the discriminator head for a `side`-pixel input: the recipe's 4, fewer for small
-    inputs so the final 4x4 valid conv still sees >= 4x4 (reference §5.2)."""
-    n = min(max_down, int(math.log2(side)) - 2)
-    if n < 0:
-        raise ValueError(f"discriminator input side {side} is below 4")
-    return n
+    return float((p * (recipe.teacher_steps - torch.arange(recipe.teacher_steps, dtype=torch.float64))).sum())

@@ -6,9 +6,9 @@ Models are plain callables `fn(x, t, *cond) -> velocity` with t = 1000 sigma (Fl
 checked on hand-made stand-ins; `mmdit_flash_models` builds them from one MMDiT carrying trainable adapters: the
 teacher is the same module with its adapters off (no second copy of the weights).
 
-Randomness: batch-level draws (k, w, w') come from a generator seeded by (seed, step, pass) and per-sample draws
-(noises, DMD sigma, GAN sigma) from one generator per sample seeded by (seed, step, pass, global sample index),
-so a run sharded over ranks, or resumed, draws exactly what the single-process uninterrupted run draws.
+Randomness (flashsd3.rng): batch-level draws (k, w, w') come from generator(seed, step, pass, BATCH) and
+per-sample draws (noises, DMD sigma, GAN sigma) from one generator per global sample index, so a run sharded
+over ranks, or resumed, draws exactly what the single-process uninterrupted run draws.
 """
 from __future__ import annotations
 
@@ -19,61 +19,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ... import rng
 from ...sampling import cfg_denoiser, forward_process, sample_euler
 from ...sampling.flow_match import NUM_TRAIN_TIMESTEPS
 from ..objectives import training_sigma_table
-from .losses import distill_l2, dmd_loss, lsgan_discriminator_loss, lsgan_generator_loss
+from .discriminator import lsgan_discriminator_loss, lsgan_generator_loss
+from .losses import distill_l2, dmd_loss
 from .recipe import FlashRecipe, draw_guidance, draw_start_index
 
 ModelFn = Callable[..., torch.Tensor]  # (x (B,C,H,W), t (B,), *cond) -> velocity or features
-
-
-@dataclass
-class FlashModels:
-    """The callables one iteration needs; `head` is the trainable discriminator head."""
-
-    student: ModelFn  # adapters on, conditional only
-    teacher: ModelFn  # adapters off, frozen
-    features: ModelFn  # discriminator input from the frozen teacher (its output, or block tokens)
-    head: nn.Module
-    distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = distill_l2  # or losses.LpipsDistill
-
-
-@dataclass
-class BankStart:
-    """A precomputed start point and target (the "bank" option for small models, not the recipe): x_k is a state
-    of a stored teacher CFG trajectory at grid index k (not noised data) and y that trajectory's end."""
-
-    k: int
-    x_k: torch.Tensor  # (B, C, H, W)
-    target: torch.Tensor  # (B, C, H, W)
-    guidance: float  # the w the trajectories were solved with (for logging)
+G_PASS, D_PASS = 0, 1  # the two passes of a batch, keys of their random streams
+BATCH = -1  # key of a pass's batch-level stream (per-sample streams are keyed by sample ids >= 0)
 
 
 @dataclass
 class FlashBatch:
     """x0 data latents (B, C, H, W); cond/uncond tuples batched like x0 (uncond: the negative prompt);
-    ids (B,) global sample indices (e.g. rank offset + position in the global batch), used to seed noise.
-    start: a BankStart replaces the drawn start point and the teacher solve (option; needs d_pass='reuse')."""
+    ids (B,) global sample indices (e.g. rank offset + position in the global batch), used to seed noise;
+    examples (B,) the rows' example indices in their dataset (a start function may look them up)."""
 
     x0: torch.Tensor
     cond: tuple[torch.Tensor, ...]
     uncond: tuple[torch.Tensor, ...]
     ids: Sequence[int]
-    start: BankStart | None = None
-
-
-def _mix(*xs: int) -> int:
-    h = 0x2545F4914F6CDD1D
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 % (1 << 64)
-        h ^= h >> 29
-    return h % (1 << 63)
+    examples: Sequence[int] = ()
 
 
 @dataclass
 class StepRandom:
-    """Random draws of one pass (pass 0 = generator, 1 = discriminator) of batch `step`, for samples `ids`."""
+    """Random draws of one pass (G_PASS or D_PASS) of batch `step`, for samples `ids`."""
 
     seed: int
     step: int
@@ -83,18 +57,54 @@ class StepRandom:
     samples: list = field(init=False)
 
     def __post_init__(self):
-        self.batch = torch.Generator().manual_seed(_mix(self.seed, self.step, self.pass_, -1))
-        self.samples = [torch.Generator().manual_seed(_mix(self.seed, self.step, self.pass_, i)) for i in self.ids]
+        self.batch = rng.generator(self.seed, self.step, self.pass_, BATCH)
+        self.samples = rng.sample_generators(self.seed, self.step, self.pass_, ids=self.ids)
 
     def randn(self, like: torch.Tensor) -> torch.Tensor:
         """Per-sample N(0, 1) shaped like `like` (B, ...), drawn in float32 on the CPU, in like's dtype/device."""
-        e = torch.stack([torch.randn(like.shape[1:], generator=g) for g in self.samples])
-        return e.to(like.device, like.dtype)
+        return rng.randn(self.samples, like.shape[1:]).to(like.device, like.dtype)
 
     def choice(self, values: torch.Tensor) -> torch.Tensor:
         """(B,) per-sample uniform picks from `values` (1-D)."""
         idx = torch.stack([torch.randint(len(values), (), generator=g) for g in self.samples])
         return values[idx]
+
+
+@dataclass
+class Start:
+    """Where the student starts and what it is pulled towards: x_k at grid index k (B, C, H, W), the guidance w
+    of the target, and the target itself, computed only when asked for (the discriminator's pass needs none)."""
+
+    k: int
+    guidance: float
+    x_k: torch.Tensor
+    target: Callable[[], torch.Tensor]
+
+
+StartFn = Callable[["FlashModels", FlashRecipe, FlashBatch, int, StepRandom], Start]  # (.., phase, rnd) -> Start
+
+
+def noised_data_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int,
+                      rnd: StepRandom) -> Start:
+    """The recipe's start ([M] L236-300): k ~ pi_phase and w ~ U[w_min, w_max] for the batch, x_k = the data
+    noised at sigma_k (k = 0: sigma 1, exactly the noise), target = the teacher's CFG solve from x_k to 0."""
+    grid = recipe.grid()
+    k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
+    x_k = forward_process(batch.x0, rnd.randn(batch.x0), grid[k])
+    return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, grid, k, batch.cond, batch.uncond, w))
+
+
+@dataclass
+class FlashModels:
+    """The callables one iteration needs; `head` is the trainable discriminator head, `start` makes each pass's
+    start point (the recipe's, or an experiment's such as the toy's trajectory bank)."""
+
+    student: ModelFn  # adapters on, conditional only
+    teacher: ModelFn  # adapters off, frozen
+    features: ModelFn  # discriminator input from the frozen teacher (its output, or block tokens)
+    head: nn.Module
+    distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = distill_l2  # or losses.LpipsDistill
+    start: StartFn = noised_data_start
 
 
 def teacher_target(teacher: ModelFn, x_k: torch.Tensor, grid: torch.Tensor, k: int, cond, uncond,
@@ -147,33 +157,24 @@ class Pass:
     losses: dict = field(default_factory=dict)
 
 
-def _start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom, grad: bool):
-    grid = recipe.grid()
-    k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
-    noise = rnd.randn(batch.x0)
-    if batch.start is not None:  # the bank option: start and target were drawn by the caller
-        k, w, x_k = batch.start.k, batch.start.guidance, batch.start.x_k
-    else:
-        x_k = forward_process(batch.x0, noise, grid[k])  # k = 0: sigma 1, exactly the noise
-    sigma_k = grid[k].expand(len(batch.x0)).clone()
+def _start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, rnd: StepRandom, grad: bool):
+    start = models.start(models, recipe, batch, recipe.phase(rnd.step), rnd)
+    sigma_k = recipe.grid()[start.k].expand(len(batch.x0)).clone()
     with torch.set_grad_enabled(grad):
-        x0_hat = student_x0(models.student, x_k, sigma_k, batch.cond)
-    return grid, k, w, x_k, x0_hat
+        x0_hat = student_x0(models.student, start.x_k, sigma_k, batch.cond)
+    return start, x0_hat
 
 
 def generator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step: int, seed: int):
     """L_G = l_distill d(x0_hat, y) + l_dmd L_DMD + l_adv L_adv for batch `step` ([M] L236-354); returns
     (loss, Pass). Terms with weight 0 are skipped (the code computes and multiplies them by 0)."""
-    phase, rnd = recipe.phase(step), StepRandom(seed, step, 0, batch.ids)
-    grid, k, w, x_k, x0_hat = _start(models, recipe, batch, phase, rnd, grad=True)
-    if batch.start is not None:
-        y = batch.start.target
-    else:
-        y = teacher_target(models.teacher, x_k, grid, k, batch.cond, batch.uncond, w)
+    phase, rnd = recipe.phase(step), StepRandom(seed, step, G_PASS, batch.ids)
+    start, x0_hat = _start(models, recipe, batch, rnd, grad=True)
+    y = start.target()
     dmd_sigma = rnd.choice(training_sigma_table(recipe.shift))
     dmd_noise, w_dmd = rnd.randn(batch.x0), draw_guidance(recipe, rnd.batch)
     adv_sigma, adv_noise = rnd.choice(recipe.adv_sigmas()), rnd.randn(batch.x0)
-    out = Pass(x0_hat.detach(), adv_sigma, adv_noise, k, w)
+    out = Pass(x0_hat.detach(), adv_sigma, adv_noise, start.k, start.guidance)
     loss = recipe.lambda_distill[phase] * models.distill(x0_hat, y)
     out.losses["distill"] = loss.detach() / max(recipe.lambda_distill[phase], 1e-12)
     if recipe.lambda_dmd[phase] > 0:
@@ -194,14 +195,12 @@ def generator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
 def discriminator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step: int, seed: int,
                        reuse: Pass | None = None):
     """L_D on the teacher features of the noised student x0_hat (fake) and noised data (real), one shared noise
-    and per-sample sigma_a ([M] L545-602). Fresh randomness and student forward (pass 1, the recipe) unless
+    and per-sample sigma_a ([M] L545-602). Fresh randomness and student forward (D_PASS, the recipe) unless
     `reuse` passes the generator pass's draws (recipe.d_pass='reuse'). Returns (loss, Pass)."""
     if reuse is None:
-        if batch.start is not None:
-            raise ValueError("a bank batch (FlashBatch.start) has no fresh start point: use d_pass='reuse'")
-        rnd = StepRandom(seed, step, 1, batch.ids)
-        _, k, w, _, x0_hat = _start(models, recipe, batch, recipe.phase(step), rnd, grad=False)
-        reuse = Pass(x0_hat, rnd.choice(recipe.adv_sigmas()), rnd.randn(batch.x0), k, w)
+        rnd = StepRandom(seed, step, D_PASS, batch.ids)
+        start, x0_hat = _start(models, recipe, batch, rnd, grad=False)
+        reuse = Pass(x0_hat, rnd.choice(recipe.adv_sigmas()), rnd.randn(batch.x0), start.k, start.guidance)
     s, e = reuse.adv_sigma, reuse.adv_noise
     with torch.no_grad():
         h_fake = models.features(forward_process(reuse.x0_hat.to(batch.x0.dtype), e, s), s * 1000, *batch.cond)
@@ -211,38 +210,20 @@ def discriminator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBat
     return loss, out
 
 
-def flash_update(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step: int, seed: int,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                 sync: Callable[[torch.optim.Optimizer], None] | None = None, autocast=None, clip: float = 0.0) -> dict:
-    """One batch of the alternating 1:1 scheme ([TR] L186-218): a generator pass and AdamW step on the adapters,
-    then a discriminator pass and AdamW step on the head. opt_g and opt_d may be one optimiser holding both:
-    gradients are reset to None before each pass and AdamW skips parameters without one. `sync(opt)` averages
-    gradients over ranks before a step (None: one process); `autocast` wraps the forward passes; clip > 0 clips
-    each pass's gradient norm. Returns the logged scalars."""
+def flash_step(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step: int, seed: int,
+               update: Callable[[torch.Tensor], float], autocast=None) -> dict:
+    """Batch `step` of the alternating 1:1 scheme ([TR] L186-218): a generator pass and its update (the adapters:
+    the head is frozen in it), then a discriminator pass and its update (the head: its features are detached).
+    One optimiser may hold both, as AdamW skips a parameter without a gradient. `update(loss) -> grad norm`
+    is the training loop's optimizer step (backward, gradient sync, clip, step, zero: loop.OptimizerStep);
+    `autocast` wraps the forward passes. Returns the logged scalars, the generator's total loss first."""
     autocast = autocast if autocast is not None else nullcontext()
-    opt_g.zero_grad(set_to_none=True)
-    opt_d.zero_grad(set_to_none=True)
     with autocast:
         loss_g, g = generator_loss(models, recipe, batch, step, seed)
-    loss_g.backward()
-    norm_g = _finish(opt_g, sync, clip)
-    opt_g.zero_grad(set_to_none=True)
-    opt_d.zero_grad(set_to_none=True)
+    norm_g = update(loss_g)
     with autocast:
-        loss_d, d = discriminator_loss(models, recipe, batch, step, seed,
-                                       reuse=g if recipe.d_pass == "reuse" else None)
-    loss_d.backward()
-    norm_d = _finish(opt_d, sync, clip)
-    opt_d.zero_grad(set_to_none=True)
+        loss_d, d = discriminator_loss(models, recipe, batch, step, seed, reuse=g if recipe.d_pass == "reuse" else None)
+    norm_d = update(loss_d)
     scalars = {name: float(v) for name, v in {**g.losses, **d.losses}.items()}
-    return {**scalars, "grad_norm": norm_g, "grad_norm_d": norm_d, "k": g.k, "w": g.guidance,
-            "phase": recipe.phase(step)}
-
-
-def _finish(opt: torch.optim.Optimizer, sync, clip: float) -> float:
-    if sync is not None:
-        sync(opt)
-    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    opt.step()
-    return float(norm)
+    return {"loss": scalars.pop("g_total"), **scalars, "grad_norm": norm_g, "grad_norm_d": norm_d, "k": g.k,
+            "w": g.guidance, "phase": recipe.phase(step)}
