@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import hub
 from .controlnet import flags as control_flags
+from .cpu_memory import keep_freed_memory
 from .distributed import Ranks, resolve_device
 from .outputs import OutputError, Plan, check_out_dir, new_file_mode, save_image
 from .preflight import check_loras, model_config
@@ -33,7 +34,7 @@ from .rules import InputError, check_seed, check_size
 from .settings import SIZE_FLAGS, Inputs, call, check_schedule, describe, load_edit, metadata, run_recipe, run_size
 
 PROG = "flashsd3-sample"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # and "auto" (flashsd3.precision)
 DEMO_SIZE = 256  # default --height/--width with --demo: the toy model is fast, its images are noise anyway
 DEMO_PROMPT = "a raccoon reading a book in a lush forest"
 MESSAGE_LIMIT = 800  # characters of an error message shown (a folder listing or key list can be huge)
@@ -156,7 +157,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"repeatable; default {hub.FLASH_SD3_LORA_REPO}:1, 'none' for the base model; "
                         "with --demo only what is given")
     g.add_argument("--t5", action=argparse.BooleanOptionalAction, default=False, help="load the T5-XXL encoder")
-    g.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto (default): fp16 on CUDA, bf16 "
+                   "on a CPU with AMX-BF16 / AVX512-BF16 matrix units, fp32 on other CPUs")
     g.add_argument("--device", default="auto", metavar="DEV", help="auto (cuda if available, else cpu), cpu, cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
@@ -337,6 +339,15 @@ def run_metadata(args, inputs: Inputs, dtype: str, negative: str | None) -> dict
             "t5": args.t5, "dtype": dtype, "software": "flashsd3"}
 
 
+def run_dtype(flag: str, device) -> tuple[str, str | None]:
+    """(the dtype's name, a line saying why auto picked it, or None): --dtype auto resolves here, once."""
+    from .precision import auto_dtype, describe_auto, short_name
+
+    if flag != "auto":
+        return flag, None
+    return short_name(auto_dtype(device)), f"dtype {describe_auto(device)}"
+
+
 def run(args, ranks: Ranks, device) -> int:
     say = print if ranks.rank == 0 else (lambda *a, **k: None)
     inputs = checked(ranks, lambda: check_inputs(args))
@@ -345,9 +356,11 @@ def run(args, ranks: Ranks, device) -> int:
     plan = Plan(tuple(prompts), args.num_images, seed)
     checked(ranks, lambda: (check_seed(seed, plan.total, "--seed"),
                             check_out_dir(args.out, plan, args.overwrite, args.json)))
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype, dtype_note = run_dtype(args.dtype, device)
     sharded = f" over {ranks.world} ranks" if ranks.world > 1 else ""
     say(f"seed {seed}: image k uses seed + k ({plural(plan.total)}{sharded}, {dtype} on {device})")
+    if dtype_note:
+        say(dtype_note)
     if args.demo:
         say("note: --demo uses a random toy-width model: its images are noise-like by design", file=sys.stderr)
     if inputs.recipe is not None:
@@ -392,6 +405,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     reproducible_mkl()  # before anything imports torch
+    keep_freed_memory()  # CPU: reuse freed activations instead of page-faulting them in again (no-op off glibc)
     args = build_parser().parse_args(argv)
     ranks, python_format = Ranks.from_env(), warnings.formatwarning
     warnings.formatwarning = _warning_line

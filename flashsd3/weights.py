@@ -88,32 +88,35 @@ class StateDictReader:
 
 
 class SafetensorsReader:
-    """Lazily reads tensors from one or more safetensors files (shards) by key, memory-mapped."""
+    """Reads tensors from one or more safetensors files (shards) by key, one tensor at a time.
+
+    The safetensors library checks each file's header (offsets, sizes) and gives keys and shapes; `get` then
+    reads one tensor's bytes with a plain file read into a fresh buffer. Not memory-mapped: pages read through
+    a map stay in the process's resident memory until the file is closed, so converting a 2 B-parameter fp16
+    file to bf16 through the map peaked at 8.0 GiB (file + model); read this way it peaks at the model plus
+    one tensor (bench/RESULTS.md, loading)."""
 
     def __init__(self, paths: Iterable[str | Path]):
         self.paths = [Path(p) for p in paths]
         self._where: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._handles = {}
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, start, end
+        self.metadata = {}
         for path in self.paths:
             refuse_pickle(path)
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file not found: {path}")
             try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
-                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+                with safe_open(str(path), framework="pt") as handle:  # validates the header and offsets
+                    keys = list(handle.keys())
+                    self.metadata.update(handle.metadata() or {})
+                entries = _header_entries(path)
             except Exception as e:  # safetensors raises its own error type for bad headers/sizes
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
             for k in keys:
                 if k in self._where:
                     raise CheckpointError(f"key {k!r} appears in both {self._where[k]} and {path}")
                 self._where[k] = path
-            self._shapes.update(shapes)
-            self._handles[path] = handle
-        self.metadata = {}
-        for h in self._handles.values():
-            self.metadata.update(h.metadata() or {})
+                self._entries[k] = entries[k]
 
     @property
     def name(self) -> str:
@@ -123,17 +126,48 @@ class SafetensorsReader:
         return list(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._entries[key][1]
 
     def source_of(self, key: str) -> str:
         return str(self._where[key])
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        stored, shape, start, end = self._entries[key]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
         try:
-            t = self._handles[self._where[key]].get_tensor(key)
-        except Exception as e:
+            with open(self._where[key], "rb") as f:
+                f.seek(start)
+                if f.readinto(buffer.numpy()) != end - start:
+                    raise OSError("the file ends early")
+        except OSError as e:
             raise CheckpointError(f"{self._where[key]}: cannot read tensor {key!r} ({e})") from e
+        t = buffer.view(stored).view(shape)  # safetensors stores little-endian, as x86 and ARM
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+# safetensors' dtype names (its format spec) -> torch
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _header_entries(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """key -> (dtype, shape, first byte, end byte) in the file: an 8-byte little-endian header length, the JSON
+    header, then the data; a header's data_offsets count from the end of the header (safetensors format)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base, out = 8 + size, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which flashsd3 does not read")
+        first, end = info["data_offsets"]
+        out[key] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + first, base + end)
+    return out
 
 
 def refuse_pickle(path: Path) -> None:

@@ -5,7 +5,9 @@ The bad-input table and the overwrite refusal call `cli.main(argv)` in-process (
 costs seconds of imports; main returns the exit code, so an escaping exception would fail the test), and
 the missing-weights case runs as a subprocess to see the real entry point print one line, no traceback.
 Pixels of the same command in two processes are compared for equality: the CLI turns on MKL's
-conditional numerical reproducibility (`cli.reproducible_mkl`).
+conditional numerical reproducibility (`cli.reproducible_mkl`). Runs whose pixels are compared exactly
+(with each other or with `FlashSD3Pipeline.demo`, float32) pin `--dtype fp32` (DTYPE); what `--dtype auto`
+picks is tested in tests/test_precision.py.
 """
 import json
 import os
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "Café Ünïcode: a city at night!", "a bowl of ramen"]
 PER_PROMPT, SEED, PX = 2, 7, 64  # 64x64 keeps every run well under a second of model time
 SIZE = ["--height", str(PX), "--width", str(PX)]
+DTYPE = ["--dtype", "fp32"]  # exact pixel comparisons: float32, as FlashSD3Pipeline.demo() (auto may pick bf16)
 ERR = "flashsd3-sample: error:"
 
 
@@ -62,7 +65,7 @@ def demo_run(tmp_path_factory):
     (tmp / "prompts.txt").write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n   \n{PROMPTS[2]}\n", encoding="utf-8")
     proc = run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--demo", "--prompts-file", "prompts.txt",
                 "--num-images", str(PER_PROMPT), "--seed", str(SEED), "--batch-size", "4", "--json", "--out", "out",
-                *SIZE], tmp)
+                *SIZE, *DTYPE], tmp)
     assert proc.returncode == 0, proc.stderr
     return tmp, proc
 
@@ -139,7 +142,7 @@ def test_overwrite_refused_then_same_seed_same_pixels(demo_run, capsys, monkeypa
     out, names = tmp / "out", expected_names(SEED)
     before = {n: (pixels(out / n), (out / n).stat().st_mtime_ns) for n in names}
     args = ["--demo", "--prompts-file", tmp / "prompts.txt", "--num-images", PER_PROMPT, "--seed", SEED,
-            "--batch-size", 4, "--json", "--out", out, *SIZE]
+            "--batch-size", 4, "--json", "--out", out, *SIZE, *DTYPE]
     assert cli.main([str(a) for a in args]) == 2  # in-process: the check runs before any model work
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.startswith(ERR)] == err.splitlines()
@@ -156,8 +159,8 @@ def test_overwrite_refused_then_same_seed_same_pixels(demo_run, capsys, monkeypa
 
 def test_image_k_alone_matches_the_run(demo_run, tmp_path):
     k = 3  # the second image of the second prompt: seed 7 + 3
-    alone = cli_run("--demo", "--prompt", PROMPTS[k // PER_PROMPT], "--seed", SEED + k, *SIZE, "--out", tmp_path,
-                    cwd=tmp_path)
+    alone = cli_run("--demo", "--prompt", PROMPTS[k // PER_PROMPT], "--seed", SEED + k, *SIZE, *DTYPE, "--out",
+                    tmp_path, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
     name = expected_names(SEED)[k]
     assert [p.name for p in tmp_path.glob("*.png")] == [f"00000-{SEED + k}-{name.split('-', 2)[2]}"]
@@ -179,7 +182,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     """Two ranks share a random seed and the batches; the files equal a one-process run's, bit for bit."""
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     args = ["--demo", "--prompts-file", "prompts.txt", "--num-images", str(PER_PROMPT), "--batch-size", "2",
-            "--device", "cpu", *SIZE]
+            "--device", "cpu", *SIZE, *DTYPE]
     # --standalone: the rendezvous binds a free port itself, so parallel runs cannot collide on a port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "flashsd3.cli", *args, "--out", "out"]

@@ -40,7 +40,8 @@ def files(tmp_path, monkeypatch):
 
 
 def sample(tmp: Path, *flags):
-    argv = ["--demo", "--prompt", PROMPT, "--seed", "3", "--json", "--out", str(tmp / "out"), *map(str, flags)]
+    argv = ["--demo", "--dtype", "fp32", "--prompt", PROMPT, "--seed", "3", "--json", "--out", str(tmp / "out"),
+            *map(str, flags)]  # fp32: compared exactly with the pipeline's float32 default
     assert cli.main(argv) == 0
     [png] = sorted((tmp / "out").glob("*.png"))
     with Image.open(png) as im:

@@ -45,7 +45,8 @@ def files(tmp_path, monkeypatch):
 
 def sample(tmp: Path, *flags) -> tuple[np.ndarray, dict, dict]:
     """Run the CLI with --json; (pixels, PNG text, sidecar) of its one image."""
-    argv = ["--demo", "--prompt", PROMPT, "--seed", "3", "--json", "--out", str(tmp / "out"), *map(str, flags)]
+    argv = ["--demo", "--prompt", PROMPT, "--seed", "3", "--json", "--out", str(tmp / "out"), "--dtype", "fp32",
+            *map(str, flags)]  # float32 as demo_pipe: the pixels are compared bit for bit
     assert cli.main(argv) == 0
     [png] = sorted((tmp / "out").glob("*.png"))
     with Image.open(png) as im:

@@ -12,7 +12,8 @@ from einops import rearrange
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (B, H, S, Dh) -> (B, S, H*Dh)."""
+    """q, k, v: (B, H, S, Dh) -> (B, S, H*Dh). Softmax and accumulation run in float32 inside SDPA whatever the
+    input dtype (its fused CPU and CUDA kernels do), so bf16/fp16 attention keeps float32 scores."""
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, S, Dh)
     return rearrange(out, "b h s d -> b s (h d)")
 
@@ -39,9 +40,11 @@ class SelfAttention(nn.Module):
         # the last context block only feeds keys/values to the image stream: no output projection
         self.proj = None if pre_only else nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, S, D) -> q, k, v each (B, H, S, Dh), q/k normalised if configured."""
-        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
-        if self.ln_q is not None:
-            q, k = self.ln_q(q), self.ln_k(k)
-        return q, k, v
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (3, B, H, S, Dh): q, k, v stacked (a view of the projection), q/k normalised if
+        configured."""
+        qkv = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
+        if self.ln_q is None:
+            return qkv
+        q, k, v = qkv
+        return torch.stack([self.ln_q(q), self.ln_k(k), v])

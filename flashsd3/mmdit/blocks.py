@@ -34,7 +34,13 @@ class StreamModulations:
 
 
 def modulate(x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-    return x * (1 + mod.scale[:, None]) + mod.shift[:, None]
+    """x * (1 + scale) + shift, in one pass over x (addcmul: one rounding in bf16/fp16)."""
+    return torch.addcmul(mod.shift[:, None], x, 1 + mod.scale[:, None])
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + gate * y (gate (B, D) per sample), in one pass."""
+    return torch.addcmul(x, gate[:, None], y)
 
 
 class Mlp(nn.Module):
@@ -95,26 +101,28 @@ class JointBlock(nn.Module):
         L = ctx.shape[1]
 
         # joint attention over [context; image] tokens, each stream with its own q, k, v
-        c_q, c_k, c_v = c.attn.qkv_heads(modulate(c.norm1(ctx), c_mod.attn))  # (B, H, L, Dh)
+        c_qkv = c.attn.qkv_heads(modulate(c.norm1(ctx), c_mod.attn))  # (3, B, H, L, Dh)
         x_norm = xb.norm1(x)
-        x_q, x_k, x_v = xb.attn.qkv_heads(modulate(x_norm, x_mod.attn))  # (B, H, N, Dh)
-        # context tokens first, as mmditx.py (diffusers joins image first: equal up to float rounding)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # (B, H, L+N, Dh)
+        x_qkv = xb.attn.qkv_heads(modulate(x_norm, x_mod.attn))  # (3, B, H, N, Dh)
+        # context tokens first, as mmditx.py (diffusers joins image first: equal up to float rounding). The cat
+        # writes q, k, v contiguous per head, on which the CPU flash kernel ran 6% faster than on token-major
+        # views of the projection (bench/RESULTS.md)
+        q, k, v = torch.cat([c_qkv, x_qkv], dim=3)  # (B, H, L+N, Dh) each
         if self.keep_attn_probs:
             self.attn_probs = attention_probs(q, k)  # (B, H, L+N, L+N)
         attn = attention(q, k, v)  # (B, L+N, D)
 
         # image stream: gated residuals of the joint attention, [SD3.5: a second, image-only attention], MLP
-        x = x + x_mod.attn.gate[:, None] * xb.attn.proj(attn[:, L:])
+        x = gated(x, x_mod.attn.gate, xb.attn.proj(attn[:, L:]))
         if x_mod.attn2 is not None:
             attn2 = attention(*xb.attn2.qkv_heads(modulate(x_norm, x_mod.attn2)))  # (B, N, D)
-            x = x + x_mod.attn2.gate[:, None] * xb.attn2.proj(attn2)
-        x = x + x_mod.mlp.gate[:, None] * xb.mlp(modulate(xb.norm2(x), x_mod.mlp))
+            x = gated(x, x_mod.attn2.gate, xb.attn2.proj(attn2))
+        x = gated(x, x_mod.mlp.gate, xb.mlp(modulate(xb.norm2(x), x_mod.mlp)))
 
         if c.pre_only:  # last block: the text stream's output is never used
             return None, x
-        ctx = ctx + c_mod.attn.gate[:, None] * c.attn.proj(attn[:, :L])
-        ctx = ctx + c_mod.mlp.gate[:, None] * c.mlp(modulate(c.norm2(ctx), c_mod.mlp))
+        ctx = gated(ctx, c_mod.attn.gate, c.attn.proj(attn[:, :L]))
+        ctx = gated(ctx, c_mod.mlp.gate, c.mlp(modulate(c.norm2(ctx), c_mod.mlp)))
         return ctx, x
 
 

@@ -22,6 +22,7 @@ import torch
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from ..keymaps import mmdit as km
 from ..keymaps.rules import export_state_dict, identity_table
+from ..precision import resolve_dtype
 from ..weights import (
     DIFFUSERS_WEIGHTS,
     CheckpointError,
@@ -39,13 +40,14 @@ from .model import MMDiT
 HEAD_DIM = 64
 
 
-def load_transformer(source: str | Path, *, dtype: torch.dtype | None = None,
+def load_transformer(source: str | Path, *, dtype: torch.dtype | str | None = None,
                      device: torch.device | str | None = None, config: MMDiTConfig | None = None) -> MMDiT:
-    """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype; tensors are converted
-    one by one as they are read (no float32 detour). `config` overrides config.json/inference."""
+    """Load the MMDiT strictly. dtype None keeps the checkpoint's dtype, "auto" picks the sampling dtype
+    of `device` (`flashsd3.precision`); tensors are converted one by one as they are read (no float32
+    detour). `config` overrides config.json/inference."""
     reader, config_json = _open(source)
     config = config or read_config(config_json, MMDiTConfig.from_diffusers, "SD3Transformer2DModel")
-    return transformer_from_reader(reader, config, dtype=dtype, device=device)
+    return transformer_from_reader(reader, config, dtype=resolve_dtype(dtype, device), device=device)
 
 
 def transformer_config(source: str | Path) -> MMDiTConfig:

@@ -19,6 +19,7 @@ import torch
 from ..config import DEMO
 from ..images import check_mask_matches, mask_to_latents, output_size, preprocess_image, preprocess_mask
 from ..mmdit import MMDiT, load_transformer
+from ..precision import resolve_dtype
 from ..recipes import FLASH_SD3, Recipe, default_recipe, get_recipe, override
 from ..rules import (
     check_size,
@@ -100,7 +101,7 @@ class FlashSD3Pipeline:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, lora: Sequence[tuple[str, float]] | None = None,
-                        t5: bool = False, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
+                        t5: bool = False, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                         merge: bool = True, discard_lora: bool = False, tokenizers: str | Path | None = None,
                         recipe: Recipe | str | None = None) -> FlashSD3Pipeline:
         """Load from a diffusers folder, a Stability single file, or a hub repo id.
@@ -112,10 +113,13 @@ class FlashSD3Pipeline:
         shipped with flashsd3, identical to SD3's).
         recipe: default sampling settings; by default `default_recipe` of the loaded model ("flash-sd3" for SD3
         with adapters, "sd3" without, "sd3.5-medium" / "sd3.5-large" by architecture).
+        dtype: "auto" (default) = float16 on CUDA, bfloat16 on a CPU with native bf16 matrix units, else
+        float32 (`flashsd3.precision`); or a torch dtype / "fp16" / "bf16" / "fp32". One dtype for all models.
         """
         from .. import hub
         from ..lora import load_lora, merge_lora
 
+        dtype = resolve_dtype(dtype, device)
         patterns = hub.PIPELINE_PATTERNS + (hub.T5_PATTERNS if t5 else [])
         root = hub.resolve(model, patterns=patterns, what="model")
         if root.is_file():  # Stability single file: transformer, VAE and the CLIPs under prefixes
@@ -138,12 +142,14 @@ class FlashSD3Pipeline:
         return pipe
 
     @classmethod
-    def demo(cls, seed: int = 0, dtype: torch.dtype = torch.float32,
+    def demo(cls, seed: int = 0, dtype: torch.dtype | str = torch.float32,
              device: str | torch.device = "cpu") -> FlashSD3Pipeline:
         """The whole pipeline at toy width with random weights (config DEMO): runs anywhere in seconds,
-        needs no download, and makes noise-like images by design."""
+        needs no download, and makes noise-like images by design. dtype: float32 by default (training and
+        the tests build their reference from it); "auto" as `from_pretrained` (flashsd3-sample --demo)."""
         from ..demo import demo_text_encoders, demo_transformer_and_vae
 
+        dtype = resolve_dtype(dtype, device)
         transformer, vae = demo_transformer_and_vae(seed)
         text = demo_text_encoders(DEMO, seed).to(device, dtype)
         return cls(transformer.to(device, dtype), vae.to(device, dtype), text)

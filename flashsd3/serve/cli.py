@@ -122,10 +122,12 @@ def serve(args) -> int:
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     sock = bind(args.host, args.port)
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype, dtype_note = cli.run_dtype(args.dtype, device)  # flashsd3-sample's rule: auto = bf16/fp32/fp16
     if args.demo:
         print(f"{PROG}: note: --demo uses a random toy-width model: its images are noise-like by design",
               file=sys.stderr)
+    if dtype_note:
+        print(f"{PROG}: {dtype_note}")
     engine = load_engine(args, device, dtype)
     worker = Worker(engine, limits)
     worker.start()

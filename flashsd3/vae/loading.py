@@ -17,15 +17,17 @@ import torch
 from ..config import SD3_VAE, VAEConfig
 from ..keymaps import vae as km
 from ..keymaps.rules import identity_table
+from ..precision import resolve_dtype
 from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, Reader, detect_layout, load_into, open_checkpoint, read_config
 from .model import VAE
 
 
-def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torch.dtype | None = None,
+def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torch.dtype | str | None = None,
              device: torch.device | str | None = None) -> VAE:
     """Load the VAE strictly. Config: `config`, else the folder's config.json, else SD3_VAE with the
-    architecture read from the tensors. dtype None keeps the file's dtype; tensors are read
-    memory-mapped and converted one by one."""
+    architecture read from the tensors. dtype None keeps the file's dtype, "auto" picks the sampling dtype
+    of `device` (`flashsd3.precision`); tensors are read and converted one by one."""
+    dtype = resolve_dtype(dtype, device)
     reader, config_json = open_checkpoint(source, weights_name=DIFFUSERS_WEIGHTS, subfolder="vae", what="VAE")
     file_config = read_config(config_json, VAEConfig.from_diffusers, "AutoencoderKL")
     layout = detect_layout(reader, km.LAYOUTS, "VAE")
