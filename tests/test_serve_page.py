@@ -64,7 +64,10 @@ def results(driver):
     return driver.find_elements(By.CSS_SELECTOR, "#gallery figure")
 
 
-def generate_and_wait(driver, count: int):
+def generate_and_wait(driver):
+    # one more figure than before: the tests share the page when they run in one process, and each one
+    # also passes on its own (a worker of pytest-xdist may get any of them first)
+    count = len(results(driver)) + 1
     driver.find_element(By.ID, "generate").click()
     WebDriverWait(driver, 60).until(lambda d: len(results(d)) == count or d.find_element(By.ID, "error").text)
     assert driver.find_element(By.ID, "error").text == ""
@@ -82,7 +85,7 @@ def test_type_a_prompt_generate_and_see_the_image_with_its_seed(page):
     typed(page, "width", "64")
     typed(page, "height", "64")
     typed(page, "seed", "42")
-    figure, png = generate_and_wait(page, 1)
+    figure, png = generate_and_wait(page)
     assert figure.get_attribute("data-seed") == "42"
     assert "seed 42" in figure.text and "a lighthouse at dusk" in figure.text and "64x64" in figure.text
     meta = png_text(png)  # the download link's bytes: the server's PNG, metadata included
@@ -107,7 +110,7 @@ def test_upload_an_image_paint_a_mask_and_inpaint(page, tmp_path):
     assert page.find_element(By.ID, "strength-value").text == "1.00"
     typed(page, "prompt", "a red door")
     typed(page, "seed", "7")
-    figure, png = generate_and_wait(page, 2)
+    figure, png = generate_and_wait(page)
     meta = png_text(png)
     assert (meta["prompt"], meta["seed"], meta["mask"], meta["strength"]) == ("a red door", "7", "mask", "1.0")
     assert figure.get_attribute("data-seed") == "7" and "strength 1" in figure.text
@@ -127,7 +130,7 @@ def test_a_control_image_with_a_controlnet_and_its_scale(page, tmp_path):
                         "s.dispatchEvent(new Event('input'))")
     typed(page, "prompt", "a fence")
     typed(page, "seed", "9")
-    figure, png = generate_and_wait(page, 3)
+    figure, png = generate_and_wait(page)
     meta = png_text(png)
     assert json.loads(meta["controlnet"]) == [{"source": "demo", "scale": 0.5, "control_image": "upload"}]
     assert (meta["width"], meta["height"]) == ("80", "48") and "ControlNet demo x0.5" in figure.text
