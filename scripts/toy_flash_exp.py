@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
+
+# MKL's conditional numerical reproducibility, read once when torch loads MKL: without it a rerun of the same
+# command can pick other kernels and differ in the last bit, which thousands of AdamW steps amplify (as
+# flashsd3.cli.reproducible_mkl; a value the user set is kept).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
 
