@@ -1,26 +1,20 @@
 #!/usr/bin/env python
-"""Compute per training sample of Flash distillation recipes, from the code's own model calls.
+"""Compute per training sample of the named Flash recipes (training.flash.RECIPES), from the code's own calls.
 
-    python bench/flash_cost.py                  # the released recipe vs the distillation-only variants
-    python bench/flash_cost.py --trials 24 --json
+    python bench/flash_cost.py            # flash-sd3 vs distill: per phase and the mean over the 4 phases
+    python bench/flash_cost.py --json     # also one JSON line with every number
 
-Runs the real iteration (`flashsd3.training.flash`) on the tiny MMDiT with LoRA adapters, with every model
-callable wrapped by `flashsd3.training.flash.cost.CallCounter`, and counts per training sample the forwards
-(rows through the model: a CFG call on a batch of B is 2B) and the backward passes through each callable. The
-start index k is drawn as the recipe draws it, so each phase runs `--trials` batches on other seeds; the
-counts of every batch must fit count = a + b (K - k) exactly (the teacher solve is the only part that depends
-on k; checked), and the phase's expectation is a + b E[K - k] with E[K - k] from the exact mixture.
+Runs the real iteration (`flash_step`, its generator and discriminator updates) on the tiny MMDiT with LoRA
+adapters, every model callable wrapped by `training.flash.cost.CallCounter`, and counts per training sample
+the rows through each callable (a CFG call on B rows is 2B) and the backward passes through them. The start
+index k is the only random draw that changes the counts, so each phase's expectation is exact: the counts of
+one batch at every k = 0..K-1 (the recipe's own start, k fixed), weighted by the phase's mixture pi_p(k).
 
 FLOPs at the SD3-medium 1024^2 shape (128^2 latents, 154 text tokens, bench/flops.py): a teacher forward F;
-a student forward F + the unmerged rank-64 adapter's FLOPs; a backward with the base weights frozen costs its
-input gradients only (1x the linears, 2x attention's two matmuls), plus 2x the adapter in the student (input
-and weight gradients). Not counted: the discriminator head (~1 GFLOP per call, < 0.01% of F), and the
-released recipe's LPIPS distillation loss (VAE decode + VGG of 64^2 latent crops; the toy uses L2).
-
-Recipes: `flash-sd3` = the released recipe (FlashRecipe() defaults: modes at 0, K/4, K/2, 3K/4; DMD and GAN
-from phase 1; the discriminator step on a fresh forward). `distill` = the distillation term only, modes at
-the 4-step Flash sampler's sigmas, the recipe's phase weights, no discriminator step (generator_loss and its
-backward only); `distill-K<n>` the same with an n-step teacher grid.
+a student forward F + the unmerged rank-64 adapter; a backward with the base weights frozen costs the input
+gradients only (1x the linears, 2x attention's two matmuls), plus 2x the adapter in the student. Not counted:
+the discriminator head (~1 GFLOP per call, < 0.01% of F) and the released recipe's LPIPS loss (a VAE decode and
+VGG of 64^2 latent crops, the same in both recipes' distillation term).
 """
 from __future__ import annotations
 
@@ -40,26 +34,21 @@ from flashsd3.config import FLASH_SD3_ADAPTER, SD3_MEDIUM, TINY  # noqa: E402
 from flashsd3.lora import add_lora, lora_parameters  # noqa: E402
 from flashsd3.mmdit import MMDiT  # noqa: E402
 from flashsd3.training.flash import (  # noqa: E402
+    RECIPES,
     FlashBatch,
     FlashRecipe,
-    expected_teacher_steps,
-    flash_update,
-    generator_loss,
+    draw_guidance,
+    flash_step,
     make_head,
+    mixture_probs,
     mmdit_flash_models,
+    noised_data_start_at,
 )
 from flashsd3.training.flash.cost import CallCounter  # noqa: E402
+from flashsd3.training.loop import OptimizerStep  # noqa: E402
 
 CTX_TOKENS = 154  # 77 CLIP + 77 T5 tokens (the Flash recipe's max_sequence_length 77), as bench/benchmark.py
 NAMES = ("teacher", "student", "features")
-ZERO = (0.0, 0.0, 0.0, 0.0)
-
-
-def recipes() -> dict[str, tuple[FlashRecipe, bool]]:
-    """name -> (recipe, runs the discriminator step)."""
-    distill = replace(FlashRecipe(), modes="sampler", lambda_adv=ZERO, lambda_dmd=ZERO)
-    return {"flash-sd3": (FlashRecipe(), True), "distill": (distill, False),
-            "distill-K16": (replace(distill, K=16), False), "distill-K8": (replace(distill, K=8), False)}
 
 
 def sd3_flops() -> dict[str, float]:
@@ -83,83 +72,86 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
     return total
 
 
-def one_batch(recipe: FlashRecipe, d_step: bool, step: int, seed: int, batch: int = 2) -> tuple[int, dict]:
-    """Counted calls of batch `step` (seed `seed`) on the tiny model: (k, {name: (fwd, bwd) per sample})."""
+def fixed_start(k: int):
+    """The recipe's start (noised data, the teacher's CFG target) at grid index k; w drawn as the recipe does."""
+    def start(models, recipe, batch, phase, rnd):
+        return noised_data_start_at(models, recipe, batch, k, draw_guidance(recipe, rnd.batch), rnd)
+    return start
+
+
+def one_batch(recipe: FlashRecipe, step: int, k: int, batch: int = 2) -> dict[str, tuple[float, float]]:
+    """{callable: (forwards, backwards) per sample} of batch `step` started at index k, on the tiny model."""
     torch.manual_seed(0)
     model = MMDiT(TINY).eval().requires_grad_(False)
     add_lora(model, rank=4, alpha=4.0, targets="all-linear")
     head = make_head(recipe, model, 8)
-    models, c = mmdit_flash_models(model, head, recipe), CallCounter()
-    models = replace(models, **{n: c.wrap(getattr(models, n), n) for n in NAMES})
-    g = torch.Generator().manual_seed(seed)
+    counter = CallCounter()
+    models = mmdit_flash_models(model, head, recipe, start=fixed_start(k))
+    models = replace(models, **{n: counter.wrap(getattr(models, n), n) for n in NAMES})
+    g = torch.Generator().manual_seed(k)
     cond = (torch.randn(batch, 5, TINY.context_dim, generator=g), torch.randn(batch, TINY.pooled_dim, generator=g))
     fb = FlashBatch(torch.randn(batch, TINY.in_channels, 8, 8, generator=g), cond,
                     tuple(torch.zeros_like(x) for x in cond), list(range(batch)))
-    opt_g, opt_d = torch.optim.AdamW(lora_parameters(model)), torch.optim.AdamW(head.parameters())
-    if d_step:
-        k = flash_update(models, recipe, fb, step, seed, opt_g, opt_d)["k"]
-    else:
-        loss, out = generator_loss(models, recipe, fb, step, seed)
-        loss.backward()
-        k = out.k
-    per = c.per_sample(batch)
-    return k, {n: per.get(n, (0.0, 0.0)) for n in NAMES}
+    update = OptimizerStep(torch.optim.AdamW([*lora_parameters(model), *head.parameters()]), clip=0.0)
+    flash_step(models, recipe, fb, step, 0, update)
+    per = counter.per_sample(batch)
+    return {n: per.get(n, (0.0, 0.0)) for n in NAMES}
 
 
-def phase_counts(recipe: FlashRecipe, d_step: bool, phase: int, trials: int) -> dict[str, tuple[float, float]]:
-    """Expected (fwd, bwd) per sample of each callable in `phase`: count = a + b (K - k), checked on every
-    trial, at E[K - k] of the phase's exact mixture."""
+def phase_counts(recipe: FlashRecipe, phase: int, cache: dict) -> dict[str, tuple[float, float]]:
+    """E over k ~ pi_phase of the per-sample counts (exact: every k of the grid, weighted by its probability).
+    `cache` keeps the counts per (terms switched on, k): phases weighing the same terms share them."""
     step = sum(recipe.phase_batches[:phase])
-    runs = [one_batch(recipe, d_step, step, seed) for seed in range(trials)]
-    ks = sorted({k for k, _ in runs})
-    if len(ks) < 2:
-        raise SystemExit(f"phase {phase}: every trial drew k = {ks[0]}; run more --trials to fit the k-dependence")
-    (k0, c0), (k1, c1) = next(r for r in runs if r[0] == ks[0]), next(r for r in runs if r[0] == ks[-1])
-    steps = expected_teacher_steps(recipe, phase)
-    out = {}
-    for n in NAMES:
-        fit = []
-        for j in range(2):  # forwards, backwards
-            b = (c1[n][j] - c0[n][j]) / ((recipe.K - k1) - (recipe.K - k0))
-            a = c0[n][j] - b * (recipe.K - k0)
-            for k, c in runs:
-                if abs(c[n][j] - (a + b * (recipe.K - k))) > 1e-9:
-                    raise SystemExit(f"{n} counts are not affine in K - k: {runs}")
-            fit.append(a + b * steps)
-        out[n] = (fit[0], fit[1])
-    return out
+    on = (recipe.lambda_dmd[phase] > 0, recipe.lambda_adv[phase] > 0)
+    probs = mixture_probs(recipe, phase)
+    out = {n: [0.0, 0.0] for n in NAMES}
+    for k in range(recipe.teacher_steps):
+        key = (recipe.recipe, on, k)
+        if key not in cache:
+            cache[key] = one_batch(recipe, step, k)
+        for n in NAMES:
+            for j in range(2):
+                out[n][j] += float(probs[k]) * cache[key][n][j]
+    return {n: (f, b) for n, (f, b) in out.items()}
+
+
+def recipe_table(fl: dict[str, float]) -> dict[str, list[dict]]:
+    table = {}
+    for name, recipe in RECIPES.items():
+        cache, rows = {}, []
+        for phase in range(recipe.num_phases):
+            per = phase_counts(recipe, phase, cache)
+            tf = sample_flops(per, fl)
+            rows.append({"phase": phase, "counts": per, "flops": tf, "fwd_equiv": tf / fl["forward"]})
+        table[name] = rows
+    return table
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=12, help="batches per phase (other seeds: other k draws)")
     p.add_argument("--json", action="store_true", help="also print one JSON line with every number")
     args = p.parse_args()
     torch.set_num_threads(1)
     fl = sd3_flops()
     print(f"SD3-medium 1024^2 ({CTX_TOKENS} text tokens), TFLOPs per row: forward {fl['forward'] / 1e12:.2f}, "
           f"frozen-base backward {fl['backward'] / 1e12:.2f}, adapter forward {fl['lora_forward'] / 1e12:.3f}")
-    print("\n| recipe | phase | E[K-k] | teacher fwd | student fwd / bwd | features fwd / bwd | fwd-equiv | "
-          "TFLOPs |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    table = {}
-    for name, (recipe, d_step) in recipes().items():
-        rows = []
-        for phase in range(recipe.num_phases):
-            per = phase_counts(recipe, d_step, phase, args.trials)
-            tf = sample_flops(per, fl)
-            rows.append({"phase": phase, "teacher_steps": expected_teacher_steps(recipe, phase), "counts": per,
-                         "flops": tf, "fwd_equiv": tf / fl["forward"]})
-            r = rows[-1]
-            print(f"| {name} | {phase} | {r['teacher_steps']:.1f} | {per['teacher'][0]:.1f} | "
-                  f"{per['student'][0]:.0f} / {per['student'][1]:.0f} | {per['features'][0]:.0f} / "
-                  f"{per['features'][1]:.0f} | {r['fwd_equiv']:.1f} | {tf / 1e12:.0f} |")
-        table[name] = rows
-    base = [r["flops"] for r in table["flash-sd3"]]
-    print("\nRatio of FLOPs per sample to flash-sd3 (phases 0-3; mean = 4 equal phases, as the toy's schedule):")
+    print("\n| recipe | phase | teacher fwd | student fwd / bwd | features fwd / bwd | fwd-equiv | TFLOPs |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    table = recipe_table(fl)
     for name, rows in table.items():
-        ratios = [r["flops"] / b for r, b in zip(rows, base, strict=True)]
-        mean = sum(r["flops"] for r in rows) / sum(base)
-        print(f"  {name}: " + " ".join(f"{x:.3f}" for x in ratios) + f"  mean {mean:.3f}")
+        for r in rows:
+            c = r["counts"]
+            print(f"| {name} | {r['phase']} | {c['teacher'][0]:.2f} | {c['student'][0]:.2f} / {c['student'][1]:.2f} | "
+                  f"{c['features'][0]:.2f} / {c['features'][1]:.2f} | {r['fwd_equiv']:.2f} | {r['flops'] / 1e12:.1f} |")
+    base = table["flash-sd3"]
+    print("\nPer training sample, the mean over the 4 phases (equal phase lengths, as the toy; the released "
+          "schedule's last phase runs on, see the phase-3 column):")
+    for name, rows in table.items():
+        mean = sum(r["flops"] for r in rows) / len(rows)
+        ratio = mean / (sum(r["flops"] for r in base) / len(base))
+        last = rows[-1]["flops"] / base[-1]["flops"]
+        print(f"  {name}: {mean / fl['forward']:.2f} forward-equivalents, {mean / 1e12:.1f} TFLOPs; "
+              f"ratio to flash-sd3 {ratio:.3f} (phase 3: {last:.3f})")
     if args.json:
         print(json.dumps({"flops_per_row": fl, "recipes": table}))
 
