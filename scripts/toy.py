@@ -39,6 +39,7 @@ from flashsd3.toy.evaluate import (
     classify,
     load_classifier,
     make_eval_set,
+    mean_chroma,
     parse_row_key,
     save_classifier,
     train_classifier,
@@ -198,7 +199,7 @@ def guidance_sweep(model, text, evaluator: ToyEvaluator, plan: EvalPlan, log: Lo
     for g in plan.sweep:
         imgs = generate(model, text, labels, noise, steps=plan.sweep_steps, guidance=g, shift=plan.shift)
         _, pred = classify(evaluator.classifier, imgs)
-        out.append({"guidance": g, **accuracies(pred, labels)})
+        out.append({"guidance": g, **accuracies(pred, labels), "mean_chroma": mean_chroma(imgs)})
         log(f"sweep guidance {g}: adherence {out[-1]['adherence']:.3f}")
     return out
 
@@ -236,8 +237,8 @@ def results_table(rows: dict) -> str:
 def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict, flash_md: str = "") -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     cmd = "python scripts/toy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% |"
-                         for s in sweep)
+    sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% | "
+                         f"{s.get('mean_chroma', float('nan')):.4f} |" for s in sweep)
     checks_md = "\n".join(f"| {c['step']} | {100 * c['adherence']:.1f}% | {100 * c['shape_acc']:.1f}% | "
                           f"{100 * c['colour_acc']:.1f}% | {100 * c['position_acc']:.1f}% |" for c in checks)
     text = f"""# Toy world: teacher results
@@ -267,8 +268,8 @@ Wall time: total {walls['total']:.0f} s (classifier {walls['classifier']:.0f} s,
 {results_table(rows)}
 
 ## Guidance sweep ({plan.sweep_steps} steps, 240 prompts, other noise seeds)
-| guidance | adherence | shape |
-|---:|---:|---:|
+| guidance | adherence | shape | mean_chroma |
+|---:|---:|---:|---:|
 {sweep_md}
 
 ## Training checks (EMA weights, 16 Euler steps, CFG 3, first 192 eval prompts)
