@@ -1,9 +1,12 @@
 """The toy world on a CPU: train a tiny MMDiT teacher from scratch, score its samplers, distil a Flash student.
 
     python scripts/toy.py --seed 0 --out runs/toy0            # the reference run (~15-40 min on 2 cores)
-    python scripts/toy.py --seed 0 --out runs/quick --quick   # a smoke run (about a minute)
+    python scripts/toy.py --seed 1 --out runs/quick --quick   # quick teacher + both recipes, student seed 0 (~25 min)
     python scripts/toy.py --teacher runs/toy0/teacher.safetensors --out runs/eval   # re-score a trained teacher
     python scripts/toy.py --seed 0 --out runs/toy0 --no-distil                # teacher rows only
+
+Flash distillation: today's faithful student and its ablations (rows student_*, --variants), and the named
+recipes (training.flash.RECIPES) per student seed (rows <recipe>_seed<S>_<N>step, flashsd3/toy/recipes.py).
 
 Writes OUT/results.json (one entry per row), OUT/RESULTS.md, OUT/loss.png, OUT/samples_<row>.png and the
 checkpoints OUT/teacher.safetensors + OUT/classifier.safetensors (not meant for git).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import sys
@@ -20,9 +24,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+# MKL's conditional numerical reproducibility, read once when torch loads MKL: without it a rerun of the same
+# command can pick other kernels and differ in the last bit, which thousands of AdamW steps amplify (as
+# flashsd3.cli.reproducible_mkl; a value the user set is kept).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import torch
 
-from flashsd3.toy import distill
+from flashsd3.toy import distill, recipes
 from flashsd3.toy.data import NUM_CAPTIONS, caption
 from flashsd3.toy.evaluate import (
     ToyEvaluator,
@@ -30,6 +39,8 @@ from flashsd3.toy.evaluate import (
     classify,
     load_classifier,
     make_eval_set,
+    mean_chroma,
+    parse_row_key,
     save_classifier,
     train_classifier,
 )
@@ -50,14 +61,15 @@ class EvalPlan:
     classifier_steps: int = 1000
 
 
-QUICK_PLAN = EvalPlan(num_samples=240, ref_steps=8, sweep=(), classifier_steps=150)
+QUICK_PLAN = EvalPlan(num_samples=1000, sweep=(), classifier_steps=500)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="training seed (teacher init and data, classifier)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="minutes-long smoke version (tiny budgets)")
+    p.add_argument("--quick", action="store_true", help="a quicker teacher (2000 steps), 1000 evaluation samples, no "
+                                                        "guidance sweep, the recipes on student seed 0 only")
     p.add_argument("--teacher", type=Path, help="reuse a trained teacher file instead of training one")
     p.add_argument("--classifier", type=Path, help="reuse a trained classifier file")
     p.add_argument("--steps", type=int, help="override the teacher's training steps")
@@ -72,12 +84,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "not the recipe; 0 = the recipe: noised data and live teacher solves)")
     p.add_argument("--modes", choices=("recipe", "sampler"), help="start-index mixture modes: the recipe's, or at "
                                                                   "the 4-step sampler's sigmas (an option)")
-    return p.parse_args(argv)
+    p.add_argument("--recipes", default="flash-sd3,distill", help="named Flash recipes to run per student seed "
+                                                                   "(comma-separated; default flash-sd3,distill)")
+    p.add_argument("--student-seeds", help="student seeds of the recipe rows (comma-separated; default 0,1, "
+                                           "--quick 0)")
+    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="today's student_* rows (the faithful student and its ablations; default on, --quick off)")
+    args = p.parse_args(argv)
+    try:
+        args.recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+        bad = [r for r in args.recipes if r not in recipes.PRESETS]
+        seeds = args.student_seeds or ("0" if args.quick else "0,1")
+        args.student_seeds = tuple(int(x) for x in seeds.split(","))
+    except ValueError:
+        p.error(f"--student-seeds needs comma-separated integers, got {args.student_seeds!r}")
+    if bad or any(x < 0 for x in args.student_seeds):
+        p.error(f"--recipes takes {', '.join(recipes.PRESETS)} and --student-seeds integers >= 0, got "
+                f"{','.join(args.recipes)} / {args.student_seeds}")
+    args.variants = (not args.quick) if args.variants is None else args.variants
+    return args
 
 
 DISTIL = distill.with_steps(distill.ToyFlashRun(batch=32, bank=1024), 400)
-QUICK_DISTIL = distill.with_steps(distill.ToyFlashRun(batch=8, bank=32, probe=16, probe_every=4,
-                                                      flash=replace(distill.TOY_FLASH, teacher_steps=8)), 8)
 
 
 class Log:
@@ -171,7 +199,7 @@ def guidance_sweep(model, text, evaluator: ToyEvaluator, plan: EvalPlan, log: Lo
     for g in plan.sweep:
         imgs = generate(model, text, labels, noise, steps=plan.sweep_steps, guidance=g, shift=plan.shift)
         _, pred = classify(evaluator.classifier, imgs)
-        out.append({"guidance": g, **accuracies(pred, labels)})
+        out.append({"guidance": g, **accuracies(pred, labels), "mean_chroma": mean_chroma(imgs)})
         log(f"sweep guidance {g}: adherence {out[-1]['adherence']:.3f}")
     return out
 
@@ -192,21 +220,25 @@ ROW_NOTES = {
 
 
 def results_table(rows: dict) -> str:
-    lines = ["| row | NFE | adherence | shape | colour | position | fd_data | fd_ref | paired_l2 | what |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| row | NFE | adherence | shape | colour | position | fd_data | fd_ref | paired_l2 | mean_chroma "
+             "| what |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
+        if parse_row_key(name):
+            continue  # the recipe rows have their own section
         l2 = f"{r['paired_l2']:.4f}" if "paired_l2" in r else ""
         lines.append(f"| `{name}` | {r['nfe']} | {100 * r['adherence']:.1f}% | {100 * r['shape_acc']:.1f}% | "
                      f"{100 * r['colour_acc']:.1f}% | {100 * r['position_acc']:.1f}% | {r['fd_data']:.2f} | "
-                     f"{r['fd_ref']:.2f} | {l2} | {ROW_NOTES.get(name, '')} |")
+                     f"{r['fd_ref']:.2f} | {l2} | {r.get('mean_chroma', float('nan')):.4f} | "
+                     f"{ROW_NOTES.get(name, '')} |")
     return "\n".join(lines)
 
 
 def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict, flash_md: str = "") -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     cmd = "python scripts/toy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% |"
-                         for s in sweep)
+    sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% | "
+                         f"{s.get('mean_chroma', float('nan')):.4f} |" for s in sweep)
     checks_md = "\n".join(f"| {c['step']} | {100 * c['adherence']:.1f}% | {100 * c['shape_acc']:.1f}% | "
                           f"{100 * c['colour_acc']:.1f}% | {100 * c['position_acc']:.1f}% |" for c in checks)
     text = f"""# Toy world: teacher results
@@ -236,8 +268,8 @@ Wall time: total {walls['total']:.0f} s (classifier {walls['classifier']:.0f} s,
 {results_table(rows)}
 
 ## Guidance sweep ({plan.sweep_steps} steps, 240 prompts, other noise seeds)
-| guidance | adherence | shape |
-|---:|---:|---:|
+| guidance | adherence | shape | mean_chroma |
+|---:|---:|---:|---:|
 {sweep_md}
 
 ## Training checks (EMA weights, 16 Euler steps, CFG 3, first 192 eval prompts)
@@ -263,7 +295,7 @@ def smooth(values: list[float], window: int = 50) -> list[float]:
 
 
 def distil_recipe(args) -> distill.ToyFlashRun:
-    run = QUICK_DISTIL if args.quick else DISTIL
+    run = DISTIL
     if args.distil_steps is not None:
         run = distill.with_steps(run, args.distil_steps)
     if args.modes is not None:
@@ -293,20 +325,31 @@ def main(argv=None) -> int:
     rows, images = teacher_rows(model, text, evaluator, plan, log)
     sweep = guidance_sweep(model, text, evaluator, plan, log)
     t_eval = time.perf_counter() - t0
-    flash_md, flash_walls, flash_recipe = "", {}, None
+    flash_md, flash_walls, flash_recipe, recipe_runs = "", {}, None, {}
     if not args.no_distil:
         flash_recipe = distil_recipe(args)
         teacher_file = args.teacher or args.out / "teacher.safetensors"
-        s_rows, s_images, histories, flash_walls = distill.student_rows(
-            teacher_file, evaluator, images["teacher_cfg_ref"], flash_recipe, log=log)
         for name in rows:  # the teacher rows' paired L2 to the reference, from the same noise
             if name != "data_heldout":
                 rows[name]["paired_l2"] = distill.paired_l2(images[name], images["teacher_cfg_ref"])
-        rows.update(s_rows)
-        images.update(s_images)
-        plots = distill.plot_histories(histories, flash_recipe, args.out, smooth)
-        flash_md = distill.flash_markdown(rows, flash_recipe, flash_walls, plots)
-        (args.out / "flash_history.json").write_text(json.dumps(histories) + "\n")
+        trained = {}
+        if args.variants:
+            s_rows, s_images, histories, flash_walls = distill.student_rows(
+                teacher_file, evaluator, images["teacher_cfg_ref"], flash_recipe, log=log, keep=trained)
+            rows.update(s_rows)
+            images.update(s_images)
+            plots = distill.plot_histories(histories, flash_recipe, args.out, smooth)
+            flash_md = distill.flash_markdown(rows, flash_recipe, flash_walls, plots)
+            (args.out / "flash_history.json").write_text(json.dumps(histories) + "\n")
+        t0 = time.perf_counter()
+        reuse = {("flash-sd3", flash_recipe.seed): trained["student"]} if "student" in trained else {}
+        r_rows, r_images, recipe_runs = recipes.recipe_rows(teacher_file, evaluator, flash_recipe,
+                                                            recipes=args.recipes, seeds=args.student_seeds,
+                                                            trained=reuse, log=log)
+        flash_walls["recipes"] = time.perf_counter() - t0
+        rows.update(r_rows)
+        images.update(r_images)
+        flash_md += "\n" + recipes.recipes_markdown(rows, recipe_runs, flash_recipe)
 
     for name, imgs in images.items():
         image_grid(imgs[:96], args.out / f"samples_{name}.png", columns=12)
@@ -319,7 +362,8 @@ def main(argv=None) -> int:
              **flash_walls}
     meta = {"seed": args.seed, "quick": args.quick, "recipe": asdict(recipe), "plan": asdict(plan),
             "flash_recipe": asdict(flash_recipe) if flash_recipe else None,
-            "flash_targets": distill.target_checks(rows) if flash_recipe else None,
+            "flash_targets": distill.target_checks(rows) if args.variants and flash_recipe else None,
+            "recipe_runs": recipe_runs, "distill_checks": recipes.distill_checks(rows),
             "teacher_file": str(args.teacher or args.out / "teacher.safetensors"), "wall_s": walls,
             "guidance_sweep": sweep, "training_checks": checks}
     (args.out / "results.json").write_text(json.dumps({**rows, "_meta": meta}, indent=2) + "\n")

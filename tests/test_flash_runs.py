@@ -1,7 +1,7 @@
 """`flashsd3-train flash` end to end on the demo model: 2-rank torchrun against 1 process, a resumed run against
 an uninterrupted one, the saved adapter, the sample grid. torchrun with OMP_NUM_THREADS=1 and the one-process
 runs in this process (one thread), as test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per
-phase) so every loss is exercised."""
+phase) so every loss is exercised; both named recipes (--recipe flash-sd3, distill)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -32,22 +32,32 @@ def cache(demo_cache):
     return demo_cache  # conftest.py: one demo cache for every training-run test
 
 
+@pytest.fixture(scope="module", params=["flash-sd3", "distill"])
+def recipe(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory):
+def reference(cache, recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = run_here(flash(cache, out, "--sample-every", str(STEPS)))
+    proc = run_here(flash(cache, out, "--recipe", recipe, "--sample-every", str(STEPS)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
-def test_reference_run_outputs(reference):
+def test_reference_run_outputs(reference, recipe):
     logs = metrics(reference)
     assert [m["phase"] for m in logs] == [0, 1, 2, 3]
-    assert all("d" in m and "distill" in m for m in logs) and all("dmd" in m and "adv" in m for m in logs[1:])
+    assert json.loads((reference / "config.json").read_text())["recipe"] == recipe
     names = state(reference)
     assert any(k.startswith("head.") for k in names) and any(".lora" in k or "lora_" in k for k in names)
-    moved = max((state(reference)[k] - state(reference, 1)[k]).abs().max().item() for k in names)
-    assert moved > 1e-4
+    moved = {k: (state(reference)[k] - state(reference, 1)[k]).abs().max().item() for k in names}
+    assert max(moved.values()) > 1e-4
+    if recipe == "flash-sd3":
+        assert all("d" in m and "distill" in m for m in logs) and all("dmd" in m and "adv" in m for m in logs[1:])
+    else:  # the distillation term only: no DMD, no GAN, no discriminator step (its head never moves)
+        assert all("distill" in m and not {"d", "dmd", "adv", "grad_norm_d"} & set(m) for m in logs)
+        assert all(v == 0 for k, v in moved.items() if k.startswith("head."))
     grid = Image.open(reference / "samples" / f"step-{STEPS:07d}.png")
     assert grid.size == (4 * 32, 4 * 32)  # 4 prompts x (student 1, 2, 4 steps, teacher)
     config = json.loads((reference / "lora" / "adapter_config.json").read_text())
@@ -55,9 +65,9 @@ def test_reference_run_outputs(reference):
     assert (reference / "lora" / "adapter_model.safetensors").is_file()
 
 
-def test_two_ranks_equal_one(cache, reference, tmp_path):
+def test_two_ranks_equal_one(cache, recipe, reference, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_torchrun(flash(cache, out, ranks=2), out)
+    proc = run_torchrun(flash(cache, out, "--recipe", recipe, ranks=2), out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ours, ref = state(out), state(reference)
     assert sorted(ours) == sorted(ref)
@@ -66,15 +76,16 @@ def test_two_ranks_equal_one(cache, reference, tmp_path):
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     for a, b in zip(metrics(out), metrics(reference), strict=True):
-        for key in ("loss", "distill", "d", "k", "w"):
+        assert a.keys() == b.keys()
+        for key in {"loss", "distill", "d", "k", "w"} & b.keys():  # no "d" without a discriminator step
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
 
 
-def test_resumed_equals_uninterrupted(cache, reference, tmp_path):
+def test_resumed_equals_uninterrupted(cache, recipe, reference, tmp_path):
     out = tmp_path / "resumed"
-    proc = run_here(flash(cache, out, steps=2))
+    proc = run_here(flash(cache, out, "--recipe", recipe, steps=2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_here(flash(cache, out, "--resume", steps=STEPS))
+    proc = run_here(flash(cache, out, "--resume", steps=STEPS))  # the saved config holds the recipe
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout
     ours, ref = state(out), state(reference)
@@ -94,3 +105,24 @@ def test_bad_flash_settings(cache, tmp_path, capsys):
     if importlib.util.find_spec("lpips") is None:
         assert "needs the `lpips` package" in main(*base, "--distill-loss", "lpips")
     assert not (tmp_path / "x").exists()
+
+
+def test_distilled_adapter_samples_in_one_step(recipe, reference, tmp_path):
+    """flashsd3-sample --steps 1 with a trained adapter: the Flash sampler at one step is the student's first x0,
+    noise - 1.0 * v(noise, t = 1000), decoded."""
+    from flashsd3 import cli as sample_cli
+    from flashsd3.lora import load_lora
+    from flashsd3.pipeline import FlashSD3Pipeline
+
+    pipe = FlashSD3Pipeline.demo(seed=0)
+    load_lora(pipe.transformer, reference / "lora")
+    noise = torch.randn(1, pipe.transformer.config.in_channels, 4, 4, generator=torch.Generator().manual_seed(3))
+    out = pipe("a red circle", height=32, width=32, num_steps=1, latents=noise, output_type="latent").latents
+    ctx, pooled = pipe.encode_prompt(["a red circle"])
+    with torch.no_grad():
+        x0 = noise - pipe.transformer(noise, torch.tensor([1000.0]), ctx, pooled)
+    torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+    assert sample_cli.main(["--demo", "--lora", str(reference / "lora"), "--prompt", "a red circle", "--seed", "0",
+                            "--height", "32", "--width", "32", "--steps", "1", "--out", str(tmp_path / "img")]) == 0
+    (png,) = (tmp_path / "img").glob("*.png")
+    assert Image.open(png).text["steps"] == "1" and Image.open(png).text["sampler"] == "flash"

@@ -167,7 +167,8 @@ def test_toy_script_smoke(tmp_path):
     spec.loader.exec_module(script)
     with contextlib.redirect_stdout(io.StringIO()):  # in this process: no second Python and torch import
         assert script.main(["--quick", "--out", str(tmp_path), "--steps", "3", "--num-samples", "48",
-                            "--classifier-steps", "3", "--threads", "1", "--distil-steps", "4"]) == 0
+                            "--classifier-steps", "3", "--threads", "1", "--distil-steps", "4", "--distil-batch", "4",
+                            "--bank", "8", "--variants"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for row in ("teacher_cfg_ref", "teacher_nocfg", "teacher_4_cfg", "teacher_4_nocfg", "data_heldout"):
         assert {"adherence", "fd_data", "fd_ref", "shape_acc", "colour_acc", "position_acc"} <= set(results[row])
@@ -183,3 +184,16 @@ def test_toy_script_smoke(tmp_path):
     assert results["teacher_cfg_ref"]["paired_l2"] == 0 and results["student_1"]["nfe"] == 1
     for name in ("flash_student_losses.png", "flash_student_discriminator.png", "flash_history.json"):
         assert (tmp_path / name).is_file(), name
+    for recipe in ("flash-sd3", "distill"):  # the named recipes, student seed 0 (--quick), 1 and 4 steps
+        for steps in (1, 4):
+            row = results[f"{recipe}_seed0_{steps}step"]
+            assert {"adherence", "fd_data", "fd_ref", "paired_l2", "mean_chroma"} <= set(row)
+            assert row["nfe"] == steps and row["recipe"] == recipe
+        assert (tmp_path / f"samples_{recipe}_seed0_4step.png").is_file()
+    # flash-sd3 at student seed 0 is the `student` run: the same samples, not a second training
+    assert results["flash-sd3_seed0_4step"]["fd_ref"] == results["student_4"]["fd_ref"]
+    runs = results["_meta"]["recipe_runs"]
+    assert runs["flash-sd3_seed0"] == {"reused": True}
+    calls = runs["distill_seed0"]["calls_per_sample"]  # no discriminator: the features are never called
+    assert "features" not in calls and calls["student"]["backward"] == 1.0
+    assert "| `distill_seed0_4step` |" in (tmp_path / "RESULTS.md").read_text()

@@ -7,6 +7,11 @@ learning rate, and a discriminator head sized for 16x16 inputs: `TOY_FLASH = rep
 Options, each named: `bank` (precomputed teacher trajectories instead of noised data + live solves: not the
 recipe; a start-point function, `bank_start`), `mixture_modes="sampler"` (mixture modes at the 4-step sampler's
 sigmas), `disc_blocks` (intended-features discriminator).
+
+The named recipes (training.flash.RECIPES) at the toy's sizes, `recipe_run`: `flash-sd3` is the toy's run as
+above (the bank option included), `distill` the preset's values over the toy's sizes on the recipe's own start
+points (noised data, live teacher solves). `recipe_rows` trains them per student seed against one teacher and
+scores rows `<recipe>_seed<S>_<N>step`.
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ from ..training.flash import (
     make_head,
     mmdit_flash_models,
 )
+from ..training.flash.cost import CallCounter
 from ..training.loop import OptimizerStep
 from .data import make_batch, random_labels, render
+from .evaluate import paired_l2
 from .model import load_teacher
 
 # The toy's Flash settings: the recipe with a guidance range around the toy reference's CFG 3 (SD3: 7-13 around
@@ -147,15 +154,11 @@ def flash_samples(model, text, labels: torch.Tensor, noise: torch.Tensor, steps:
     return torch.cat(out)
 
 
-def paired_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over samples of the per-pixel mean squared difference to the reference made from the same noise."""
-    return ((images.float() - reference.float()) ** 2).flatten(1).mean(1).mean().item()
-
-
 def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_noise: torch.Tensor,
-           probe_ref: torch.Tensor, bank: Bank | None = None, log=print):
+           probe_ref: torch.Tensor, bank: Bank | None = None, log=print, counter: CallCounter | None = None):
     """Distil a LoRA student from the teacher file; returns (model with adapters, text, history of scalars).
-    probe_*: fixed prompts, noises and the reference's samples for the logged 1-step paired L2."""
+    probe_*: fixed prompts, noises and the reference's samples for the logged 1-step paired L2; `counter`
+    records the model calls of the iterations."""
     model, text = load_teacher(teacher_path)
     model.requires_grad_(False)
     text.requires_grad_(False)
@@ -166,6 +169,8 @@ def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_
     gen = rng.offset_generator(run.seed, BATCH_SEED)
     start = {"start": bank_start(bank, gen)} if bank is not None else {}
     models = mmdit_flash_models(model, head, run.flash, **start)
+    if counter is not None:  # count the iteration's model calls (training.flash.cost)
+        models = replace(models, **{n: counter.wrap(getattr(models, n), n) for n in ("student", "teacher", "features")})
     optimizer = torch.optim.AdamW([*lora_parameters(model), *head.parameters()], lr=run.lr,
                                   weight_decay=run.weight_decay)
     update, history, t0 = OptimizerStep(optimizer, clip=0.0), [], time.perf_counter()
@@ -177,7 +182,7 @@ def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_
             one = flash_samples(model, text, probe_labels, probe_noise, 1, run.flash.shift)
             logs["probe_paired_l2"] = paired_l2(one, probe_ref)
             log(f"  step {step} phase {logs['phase']} k {logs['k']:2d} distill {logs['distill']:.4f} "
-                f"dmd {logs.get('dmd', 0):.4f} adv {logs.get('adv', 0):.3f} d {logs['d']:.3f} "
+                f"dmd {logs.get('dmd', 0):.4f} adv {logs.get('adv', 0):.3f} d {logs.get('d', 0):.3f} "
                 f"probe 1-step paired L2 {logs['probe_paired_l2']:.4f} ({time.perf_counter() - t0:.0f}s)")
         history.append(logs)
     return model, text, history
@@ -208,9 +213,9 @@ ROW_NOTES = {
 
 
 def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFlashRun, *,
-                 log=print) -> tuple[dict, dict, dict, dict]:
+                 log=print, keep: dict | None = None) -> tuple[dict, dict, dict, dict]:
     """Distil the three variants and score the student rows on the evaluator's set (its prompts and noise).
-    Returns (rows, images, histories per run, wall seconds per part)."""
+    Returns (rows, images, histories per run, wall seconds per part); `keep` receives {variant: (model, text)}."""
     es, walls = evaluator.eval_set, {}
     n_probe = base.probe
     probe_labels, probe_noise = es.labels[:n_probe], es.noise[:n_probe]
@@ -229,6 +234,8 @@ def student_rows(teacher_path, evaluator, ref_images: torch.Tensor, base: ToyFla
         model, text, histories[name] = distil(teacher_path, run, probe_labels=probe_labels,
                                               probe_noise=probe_noise, probe_ref=probe_ref, bank=bank, log=log)
         models[name] = (model, text)
+        if keep is not None:
+            keep[name] = (model, text)
         walls[f"distil_{name}"] = time.perf_counter() - t0
     rows, images = {}, {}
     t0 = time.perf_counter()
@@ -257,13 +264,14 @@ def plot_histories(histories: dict, recipe: ToyFlashRun, out, smooth) -> list[st
         series = {f"{k} (25-step mean)": smooth(v, 25) for k, v in series.items() if any(v)}
         line_plot(series, out / f"flash_{run}_losses.png", log_y=True,
                   title=f"{run}: generator losses, phases = x quarters ({recipe.steps // 4} steps each)")
-        d = [h["d"] for h in hist]
-        line_plot({"L_D (25-step mean)": smooth(d, 25), "0.25 (LSGAN equilibrium)": [0.25] * len(d)},
-                  out / f"flash_{run}_discriminator.png", log_y=False, title=f"{run}: discriminator loss")
+        d = [h["d"] for h in hist if "d" in h]  # none when no phase weighs the adversarial term
+        if d:
+            line_plot({"L_D (25-step mean)": smooth(d, 25), "0.25 (LSGAN equilibrium)": [0.25] * len(d)},
+                      out / f"flash_{run}_discriminator.png", log_y=False, title=f"{run}: discriminator loss")
         probe = [h["probe_paired_l2"] for h in hist if "probe_paired_l2" in h]
         line_plot({"1-step paired L2 to the reference": probe}, out / f"flash_{run}_paired_l2.png", log_y=True,
                   xlabel=f"probe (every {recipe.probe_every} steps)", title=f"{run}: student 1-step paired L2")
-        names += [f"flash_{run}_{p}.png" for p in ("losses", "discriminator", "paired_l2")]
+        names += [f"flash_{run}_{p}.png" for p in ("losses", "discriminator", "paired_l2") if d or p != "discriminator"]
     return names
 
 

@@ -157,7 +157,10 @@ def make_config(cls, *layers: tuple[dict[str, Any], str | None]):
     top = {k: v for k, v in values.items() if known[k].parent is None}
     for parent in {s.parent for s in known.values() if s.parent}:
         base = next(f.default for f in fields(cls) if f.name == parent)
-        top[parent] = replace(base, **{k: v for k, v in values.items() if known[k].parent == parent})
+        inner = {k: v for k, v in values.items() if known[k].parent == parent}
+        if hasattr(base, "preset"):  # a named preset (FlashRecipe's --recipe) is the base the other values override
+            base = base.preset(inner)
+        top[parent] = replace(base, **inner)
     return cls(**top)
 
 

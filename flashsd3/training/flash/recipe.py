@@ -11,12 +11,21 @@ full noise (index 0) phase by phase, while the DMD and adversarial weights grow.
 
 `FlashRecipe` is every knob of the method: each field is a `flashsd3-train flash` flag and a config-file key
 (`teacher_steps` -> --teacher-steps, training/config.py), so a new knob is one field here. Variants (the toy's
-sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`.
+sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`; the named ones are `RECIPES`, picked with
+--recipe (its fields are the base that explicit flags override):
+
+    flash-sd3  the released recipe (the defaults)
+    distill    the distillation term only (no DMD, no GAN: neither is computed, nor the discriminator step), on
+               the recipe's noised-data starts with the mixture modes at the Flash sampler's own sigmas and the
+               recipe's phase weights, the teacher's target solved on an 8-step grid below sigma_k. Why: the
+               DMD term compares the teacher's CFG velocity with the student's own (conditional) one, and the
+               teacher's CFG output is no fixed point of it, so DMD students stay as saturated as few-step CFG;
+               the distillation term alone reproduces the many-step teacher (results/toy/FLASH_DIAGNOSIS.md).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,7 +41,13 @@ CHOICES = {"mixture_modes": ("recipe", "sampler"), "distill_loss": ("l2", "lpips
 class FlashRecipe:
     """Hyper-parameters of Flash distillation; defaults are the released SD3 recipe."""
 
+    recipe: str = opt("flash-sd3", "named recipe whose values are the defaults of every other recipe setting "
+                                   "(explicit flags and config keys override them): flash-sd3 (the released "
+                                   "one) or distill (distillation term only; see flashsd3/training/flash/recipe.py)",
+                      choices=("flash-sd3", "distill"))
     teacher_steps: int = opt(32, "K: steps of the teacher's Euler grid ([Y] L14 K: [32, 32, 32, 32])")
+    target_steps: int = opt(0, "solve the teacher's target on the points of this many-step grid (same shift) "
+                               "below sigma_k instead of the K-grid's (0: the K-grid, the recipe)")
     shift: float = opt(3.0, "shift of the teacher grid and of the Flash sampler (SD3-medium scheduler_config.json)")
     guidance_min: float = opt(7.0, "teacher guidance w ~ U[min, max], one per batch ([Y] L16-17)")
     guidance_max: float = opt(13.0, "see --guidance-min")
@@ -72,6 +87,8 @@ class FlashRecipe:
         n = self.num_phases
         bad = [f"{flag(k)} must be one of {', '.join(v)}, got {getattr(self, k)!r}" for k, v in CHOICES.items()
                if getattr(self, k) not in v]
+        if self.target_steps < 0:
+            bad.append(f"--target-steps must be >= 0 (0: the K-grid), got {self.target_steps}")
         bad += [f"{flag(k)} must be >= 1, got {getattr(self, k)}" for k in ("teacher_steps", "sampler_steps",
                                                                           "disc_width") if getattr(self, k) < 1]
         bad += [f"{flag(k)} must be a finite number > 0, got {getattr(self, k)}" for k in ("shift", "mixture_std")
@@ -101,6 +118,11 @@ class FlashRecipe:
                        f"--disc-input {self.disc_input} --disc-blocks {','.join(map(str, self.disc_blocks)) or '-'}")
         return bad
 
+    def preset(self, values: dict) -> FlashRecipe:
+        """The named recipe `values` selects (its "recipe" entry, else this one's): the base of a configuration
+        (training/config.make_config), whose other values override its fields."""
+        return named_recipe(values.get("recipe", self.recipe))
+
     @property
     def num_phases(self) -> int:
         return len(self.mode_weights)
@@ -112,6 +134,20 @@ class FlashRecipe:
     def grid(self) -> torch.Tensor:
         """(K + 1,) float32 teacher grid sigma_0 = 1 > ... > sigma_{K-1} > 0 (the K-step inference table)."""
         return flow_match_sigmas(self.teacher_steps, self.shift)
+
+    def target_sigmas(self, k: int) -> torch.Tensor:
+        """Sigmas of the teacher's CFG solve from grid index k to 0: the K-grid's sigma_k..0 (the recipe), or
+        sigma_k then the points of the target_steps grid below it: at K = 32 and 8 target steps, from k = 10
+        (sigma 0.8635) the solve visits 0.8008, 0.6938, 0.5480, 0.3380, 0.0089, 0 (6 CFG calls instead of 22)."""
+        grid = self.grid()
+        if self.target_steps == 0:
+            return grid[k:]
+        coarse = flow_match_sigmas(self.target_steps, self.shift)
+        return torch.cat([grid[k].view(1), coarse[coarse < grid[k] - 1e-6]])
+
+    def uses_discriminator(self) -> bool:
+        """Whether any phase weighs the adversarial term (else no discriminator step is computed at all)."""
+        return any(w > 0 for w in self.lambda_adv)
 
     def mode_indices(self) -> tuple[int, ...]:
         """Grid indices of the mixture's modes: 0, 8, 16, 24 for K = 32 (recipe), or the nearest grid
@@ -131,6 +167,22 @@ class FlashRecipe:
         """(n,) float32 sigmas of the adversarial noise levels on the 1000-entry training grid."""
         table = training_sigma_table(self.shift)
         return table[list(self.adv_positions)]
+
+
+ZERO_WEIGHTS = (0.0, 0.0, 0.0, 0.0)
+# The named recipes' values (each a complete FlashRecipe below); a preset is the base that explicit settings override.
+PRESETS: dict[str, dict] = {
+    "flash-sd3": {},
+    "distill": {"lambda_adv": ZERO_WEIGHTS, "lambda_dmd": ZERO_WEIGHTS, "mixture_modes": "sampler", "target_steps": 8},
+}
+RECIPES: dict[str, FlashRecipe] = {name: FlashRecipe(recipe=name, **values) for name, values in PRESETS.items()}
+
+
+def named_recipe(name: str, **changes) -> FlashRecipe:
+    """RECIPES[name] with `changes` (FlashRecipe fields) applied over it; ValueError naming --recipe if unknown."""
+    if name not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return replace(RECIPES[name], **changes)
 
 
 def mixture_probs(recipe: FlashRecipe, phase: int) -> torch.Tensor:

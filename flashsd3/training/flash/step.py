@@ -86,12 +86,19 @@ StartFn = Callable[["FlashModels", FlashRecipe, FlashBatch, int, StepRandom], St
 
 def noised_data_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int,
                       rnd: StepRandom) -> Start:
-    """The recipe's start ([M] L236-300): k ~ pi_phase and w ~ U[w_min, w_max] for the batch, x_k = the data
-    noised at sigma_k (k = 0: sigma 1, exactly the noise), target = the teacher's CFG solve from x_k to 0."""
-    grid = recipe.grid()
+    """The recipe's start ([M] L236-300): k ~ pi_phase and w ~ U[w_min, w_max] for the batch, then
+    `noised_data_start_at`."""
     k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
-    x_k = forward_process(batch.x0, rnd.randn(batch.x0), grid[k])
-    return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, grid, k, batch.cond, batch.uncond, w))
+    return noised_data_start_at(models, recipe, batch, k, w, rnd)
+
+
+def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, k: int, w: float,
+                         rnd: StepRandom) -> Start:
+    """x_k = the data noised at sigma_k (k = 0: sigma 1, exactly the noise), target = the teacher's CFG solve
+    from x_k to 0 over recipe.target_sigmas(k) (the K-grid's sigma_k..0 in the recipe)."""
+    x_k = forward_process(batch.x0, rnd.randn(batch.x0), recipe.grid()[k])
+    sigmas = recipe.target_sigmas(k)
+    return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, sigmas, 0, batch.cond, batch.uncond, w))
 
 
 @dataclass
@@ -109,7 +116,7 @@ class FlashModels:
 
 def teacher_target(teacher: ModelFn, x_k: torch.Tensor, grid: torch.Tensor, k: int, cond, uncond,
                    guidance: float) -> torch.Tensor:
-    """y = the teacher's CFG Euler solve from sigma_k to 0 on the K-grid: K - k steps of
+    """y = the teacher's CFG Euler solve from grid[k] to 0 over grid[k:] (the K-grid: K - k steps) of
     x <- x + (sigma_{i+1} - sigma_i) (v(x, c_neg) + w (v(x, c) - v(x, c_neg))), one batched [neg, c] call each."""
     with torch.no_grad():
         return sample_euler(cfg_denoiser(teacher, cond, uncond, guidance), x_k, grid[k:])
@@ -216,14 +223,18 @@ def flash_step(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, step
     the head is frozen in it), then a discriminator pass and its update (the head: its features are detached).
     One optimiser may hold both, as AdamW skips a parameter without a gradient. `update(loss) -> grad norm`
     is the training loop's optimizer step (backward, gradient sync, clip, step, zero: loop.OptimizerStep);
-    `autocast` wraps the forward passes. Returns the logged scalars, the generator's total loss first."""
+    `autocast` wraps the forward passes. A recipe whose adversarial weight is 0 in every phase makes no
+    discriminator pass or update (nothing would use the head). Returns the logged scalars, the generator's total
+    loss first."""
     autocast = autocast if autocast is not None else nullcontext()
     with autocast:
         loss_g, g = generator_loss(models, recipe, batch, step, seed)
-    norm_g = update(loss_g)
-    with autocast:
-        loss_d, d = discriminator_loss(models, recipe, batch, step, seed, reuse=g if recipe.d_pass == "reuse" else None)
-    norm_d = update(loss_d)
-    scalars = {name: float(v) for name, v in {**g.losses, **d.losses}.items()}
-    return {"loss": scalars.pop("g_total"), **scalars, "grad_norm": norm_g, "grad_norm_d": norm_d, "k": g.k,
-            "w": g.guidance, "phase": recipe.phase(step)}
+    logs = {"grad_norm": update(loss_g)}
+    if recipe.uses_discriminator():
+        with autocast:
+            loss_d, d = discriminator_loss(models, recipe, batch, step, seed,
+                                           reuse=g if recipe.d_pass == "reuse" else None)
+        logs["grad_norm_d"] = update(loss_d)
+        g.losses.update(d.losses)
+    scalars = {name: float(v) for name, v in g.losses.items()}
+    return {"loss": scalars.pop("g_total"), **scalars, **logs, "k": g.k, "w": g.guidance, "phase": recipe.phase(step)}

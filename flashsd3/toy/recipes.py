@@ -1,0 +1,147 @@
+"""The named Flash recipes (training.flash.RECIPES) on the toy: one run per recipe and student seed against one
+teacher, scored as rows `<recipe>_seed<S>_<N>step` (flashsd3.toy.evaluate.row_key) with adherence, fd_data,
+fd_ref, paired_l2 and mean_chroma, and the issue's bounds for the distill rows against the teacher's 4-step CFG.
+
+`flash-sd3` runs as the toy's faithful student (`distill.ToyFlashRun`, the bank option as configured); `distill`
+is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, on the recipe's own start points
+(noised data, live teacher solves), never a bank.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from .. import rng
+from ..training.flash.cost import CallCounter
+from ..training.flash.recipe import PRESETS
+from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, make_bank
+from .model import load_teacher
+
+# the distill rows' bounds (4 steps unless said): relative to the teacher's 4-step CFG row, or absolute
+DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "teacher_4_cfg"),
+                  "fd_data": ("max", 0.3, "teacher_4_cfg")}
+ONE_STEP_FD_REF = 30.0
+
+
+def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
+    """The toy run of recipe `name` for student seed `seed`: flash-sd3 = `base`; another recipe = its preset's
+    values over base's sizes, on noised-data starts (bank 0)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(PRESETS)}")
+    if name == "flash-sd3":
+        return replace(base, seed=seed)
+    return replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=name, **PRESETS[name]))
+
+
+def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):
+    """Distil one run (its bank first if it uses one); returns (model, text, history, walls, calls per sample)."""
+    walls, bank = {}, None
+    if run.bank:
+        t0 = time.perf_counter()
+        model, text = load_teacher(teacher_path)
+        bank = make_bank(model, text, run.flash, run.bank, rng.offset_generator(run.seed, BANK_SEED))
+        walls["bank_s"] = time.perf_counter() - t0
+    counter, t0 = CallCounter(), time.perf_counter()
+    model, text, history = distil(teacher_path, run, probe_labels=probe[0], probe_noise=probe[1],
+                                  probe_ref=probe[2], bank=bank, log=log, counter=counter)
+    walls["distil_s"] = time.perf_counter() - t0
+    calls = {n: {"forward": f, "backward": b} for n, (f, b) in counter.per_sample(run.steps * run.batch).items()}
+    return model, text, history, walls, calls
+
+
+def recipe_rows(teacher_path, evaluator, base: ToyFlashRun, *, recipes, seeds, steps=(1, 4), trained=None,
+                log=print) -> tuple[dict, dict, dict]:
+    """Train every (recipe, student seed) and score its rows at each Flash step count. `trained` may hold
+    {(recipe, seed): (model, text)} already distilled with recipe_run's settings (reused, not retrained).
+    Returns (rows, 4-step images per row, {"<recipe>_seed<S>": walls and model calls per training sample})."""
+    es, rows, images, runs = evaluator.eval_set, {}, {}, {}
+    probe = (es.labels[:base.probe], es.noise[:base.probe], evaluator.reference[:base.probe])
+    for name in recipes:
+        for seed in seeds:
+            run, tag = recipe_run(base, name, seed), f"{name}_seed{seed}"
+            if trained and (name, seed) in trained:
+                model, text = trained[(name, seed)]
+                runs[tag] = {"reused": True}
+            else:
+                log(f"distilling {tag}: {run}")
+                model, text, _, walls, calls = train_recipe(teacher_path, run, probe, log=log)
+                runs[tag] = {**walls, "calls_per_sample": calls, "batches": run.steps, "batch": run.batch}
+            for n in steps:
+                imgs = flash_samples(model, text, es.labels, es.noise, n, run.flash.shift)
+                key, rows[key] = evaluator.recipe_row(imgs, recipe=name, seed=seed, steps=n)
+                if n == max(steps):
+                    images[key] = imgs
+                log(f"{key}: " + " ".join(f"{m} {rows[key][m]:.4f}" for m in ("adherence", "fd_data", "fd_ref",
+                                                                               "paired_l2", "mean_chroma")))
+    return rows, images, runs
+
+
+def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
+    """The bounds on every `<recipe>_seed<S>_4step` / `_1step` row present: one entry per (row, bound)."""
+    from .evaluate import parse_row_key
+
+    out = []
+    for key, row in rows.items():
+        parsed = parse_row_key(key)
+        if parsed is None or parsed[0] != recipe:
+            continue
+        if parsed[2] == 4:
+            for metric, (kind, value, rel) in DISTILL_BOUNDS.items():
+                bound = value * rows[rel][metric] if rel else value
+                ok = row[metric] <= bound if kind == "max" else row[metric] >= bound
+                what = f"<= {value}x {rel}" if rel else f">= {value}"
+                out.append({"row": key, "metric": metric, "value": row[metric], "bound": bound, "rule": what, "ok": ok})
+        elif parsed[2] == 1:
+            out.append({"row": key, "metric": "fd_ref", "value": row["fd_ref"], "bound": ONE_STEP_FD_REF,
+                        "rule": f"<= {ONE_STEP_FD_REF}", "ok": row["fd_ref"] <= ONE_STEP_FD_REF})
+    return out
+
+
+def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
+    """The recipe rows, the distill bounds and each run's wall time and model calls, as a RESULTS.md section."""
+    from .evaluate import parse_row_key
+
+    keys = ["teacher_cfg_ref", "teacher_4_cfg", *(k for k in rows if parse_row_key(k))]
+    table = ["| row | NFE | adherence | fd_data | fd_ref | paired_l2 | mean_chroma |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| `{k}` | {rows[k]['nfe']} | {100 * rows[k]['adherence']:.2f}% | {rows[k]['fd_data']:.1f} | "
+              f"{rows[k]['fd_ref']:.1f} | {rows[k].get('paired_l2', float('nan')):.4f} | "
+              f"{rows[k]['mean_chroma']:.4f} |" for k in keys if k in rows]
+    checks = ["| row | metric | value | bound | rule | met |", "|---|---|---:|---:|---|---|"]
+    checks += [f"| `{c['row']}` | {c['metric']} | {c['value']:.4g} | {c['bound']:.4g} | {c['rule']} | "
+               f"{'yes' if c['ok'] else '**no**'} |" for c in distill_checks(rows)]
+    cost = ["| run | bank s | distil s | teacher fwd / sample | student fwd / bwd | features fwd / bwd |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for tag, r in runs.items():
+        if r.get("reused"):
+            cost.append(f"| {tag} | (the `student` run above) | | | | |")
+            continue
+        c = {n: r["calls_per_sample"].get(n, {"forward": 0.0, "backward": 0.0}) for n in ("teacher", "student",
+                                                                                         "features")}
+        cost.append(f"| {tag} | {r.get('bank_s', 0):.0f} | {r['distil_s']:.0f} | {c['teacher']['forward']:.2f} | "
+                    f"{c['student']['forward']:.2f} / {c['student']['backward']:.2f} | "
+                    f"{c['features']['forward']:.2f} / {c['features']['backward']:.2f} |")
+    distill_run = recipe_run(base, "distill", 0).flash
+    return f"""## Named recipes (`--recipe`): rows `<recipe>_seed<S>_<N>step`
+- `flash-sd3`: the faithful student of the section above (its settings), per student seed (the seed of the
+  adapters' init, the head, the batches and the bank). `distill`: {PRESETS['distill']} over the same sizes:
+  the distillation term only, no discriminator pass, noised-data starts with live teacher CFG solves (w per
+  batch, U{list(distill_run.guidance)}), target solved on the {distill_run.target_steps}-step grid below sigma_k;
+  modes at grid indices {distill_run.mode_indices()}.
+- Student seeds: {sorted({int(t.rsplit('seed', 1)[1]) for t in runs})}, one teacher; the same 2000-sample
+  evaluation set and Flash re-noise draws as every row above. `mean_chroma`: mean over pixels of
+  max(R,G,B) - min(R,G,B) in [-1, 1] units (saturation; see flashsd3/toy/evaluate.py).
+
+{chr(10).join(table)}
+
+Bounds on the distill rows (teacher 4-step CFG: 8 model calls):
+
+{chr(10).join(checks)}
+
+Wall time (one thread) and model calls per training sample counted by `training.flash.cost.CallCounter` during
+the run (rows through the model: a CFG call on B rows counts 2B; the bank's precomputed solves are not in the
+counts, its wall time is):
+
+{chr(10).join(cost)}
+"""
+
