@@ -234,9 +234,21 @@ def results_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(arg) -> str:
+    """A path inside this repository relative to its root, so a committed command or file name reproduces
+    from any clone; anything else as given."""
+    path = Path(str(arg))
+    if path.is_absolute() and path.resolve().is_relative_to(REPO):
+        return str(path.resolve().relative_to(REPO))
+    return str(arg)
+
+
 def write_results_md(path: Path, *, args, recipe, plan, rows, sweep, checks, walls: dict, flash_md: str = "") -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
-    cmd = "python scripts/toy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python scripts/toy.py " + " ".join(shlex.quote(shown(a)) for a in sys.argv[1:])
     sweep_md = "\n".join(f"| {s['guidance']} | {100 * s['adherence']:.1f}% | {100 * s['shape_acc']:.1f}% | "
                          f"{s.get('mean_chroma', float('nan')):.4f} |" for s in sweep)
     checks_md = "\n".join(f"| {c['step']} | {100 * c['adherence']:.1f}% | {100 * c['shape_acc']:.1f}% | "
@@ -364,7 +376,7 @@ def main(argv=None) -> int:
             "flash_recipe": asdict(flash_recipe) if flash_recipe else None,
             "flash_targets": distill.target_checks(rows) if args.variants and flash_recipe else None,
             "recipe_runs": recipe_runs, "distill_checks": recipes.distill_checks(rows),
-            "teacher_file": str(args.teacher or args.out / "teacher.safetensors"), "wall_s": walls,
+            "teacher_file": shown(args.teacher or args.out / "teacher.safetensors"), "wall_s": walls,
             "guidance_sweep": sweep, "training_checks": checks}
     (args.out / "results.json").write_text(json.dumps({**rows, "_meta": meta}, indent=2) + "\n")
     write_results_md(args.out / "RESULTS.md", args=args, recipe=recipe, plan=plan, rows=rows, sweep=sweep,
