@@ -107,11 +107,17 @@ def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashB
 
 def chain_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
     """A start on the student's own Flash sampler chain (option --chain-starts): k and w drawn as the recipe's,
-    z = the noise the recipe's start would draw; the student (adapters on, no grad) runs the sampler from z over
-    its sigmas s_0 = 1 > ... > s_j, j = recipe.chain_step(k), re-noising with per-sample streams keyed CHAIN; the
-    target is the teacher's CFG solve from z over recipe.target_sigmas(0). So a student that meets it at every
-    step ends its chain on the teacher's sample from z; at j = 0 this is the recipe's start at k = 0."""
+    then `chain_start_at`."""
     k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
+    return chain_start_at(models, recipe, batch, k, w, rnd)
+
+
+def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, k: int, w: float,
+                   rnd: StepRandom) -> Start:
+    """z = the noise the recipe's start would draw; the student (adapters on, no grad) runs the Flash sampler
+    from z over its sigmas s_0 = 1 > ... > s_j, j = recipe.chain_step(k), re-noising with per-sample streams keyed
+    CHAIN; the target is the teacher's CFG solve from z over recipe.target_sigmas(0). So a student that meets it
+    at every step ends its chain on the teacher's sample from z; at j = 0 this is the recipe's start at k = 0."""
     z, j = rnd.randn(batch.x0), recipe.chain_step(k)
     sigmas = flash_sigmas(recipe.sampler_steps, recipe.shift)[: j + 1]
     streams = rng.sample_generators(rnd.seed, rnd.step, rnd.pass_, CHAIN, ids=rnd.ids)
