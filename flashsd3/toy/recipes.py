@@ -6,7 +6,7 @@ fd_ref, paired_l2 and mean_chroma, and the issue's bounds for the distill rows a
 is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, on the recipe's own start points
 (noised data, live teacher solves), never a bank. The toy's named options over a preset, `OPTIONS` (rows of their own,
 e.g. `distill-chain_seed0_4step`): `distill-chain` = distill with every start on the student's own sampler chain
-(--chain-starts 1), `distill-mix` = half of the batches so (--chain-starts 0.5).
+(--chain-starts 1), `distill-mix` = half of the batches so (--chain-starts 0.5), `distill-mix25` a quarter.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "tea
                   "fd_data": ("max", 0.3, "teacher_4_cfg")}
 ONE_STEP_FD_REF = 30.0
 # toy rows of a preset with options (training.flash.FlashRecipe fields): name -> (preset, fields)
-OPTIONS = {"distill-chain": ("distill", {"chain_starts": 1.0}), "distill-mix": ("distill", {"chain_starts": 0.5})}
+OPTIONS = {"distill-chain": ("distill", {"chain_starts": 1.0}), "distill-mix": ("distill", {"chain_starts": 0.5}),
+           "distill-mix25": ("distill", {"chain_starts": 0.25})}
 NAMES = (*PRESETS, *OPTIONS)
 
 
