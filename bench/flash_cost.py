@@ -37,11 +37,13 @@ from flashsd3.training.flash import (  # noqa: E402
     RECIPES,
     FlashBatch,
     FlashRecipe,
+    chain_start_at,
     draw_guidance,
     flash_step,
     make_head,
     mixture_probs,
     mmdit_flash_models,
+    named_recipe,
     noised_data_start_at,
 )
 from flashsd3.training.flash.cost import CallCounter  # noqa: E402
@@ -72,10 +74,17 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
     return total
 
 
+# the recipes counted: the named ones, and the distill preset with every start on the student's chain (an option;
+# --chain-starts p costs (1 - p) x distill + p x this, per phase)
+COUNTED = {**RECIPES, "distill --chain-starts 1": named_recipe("distill", chain_starts=1.0)}
+
+
 def fixed_start(k: int):
-    """The recipe's start (noised data, the teacher's CFG target) at grid index k; w drawn as the recipe does."""
+    """The recipe's start at grid index k (noised data, or the student's chain where the recipe's chain_starts
+    is 1); w drawn as the recipe does."""
     def start(models, recipe, batch, phase, rnd):
-        return noised_data_start_at(models, recipe, batch, k, draw_guidance(recipe, rnd.batch), rnd)
+        at = chain_start_at if recipe.chain_starts == 1 else noised_data_start_at
+        return at(models, recipe, batch, k, draw_guidance(recipe, rnd.batch), rnd)
     return start
 
 
@@ -106,7 +115,7 @@ def phase_counts(recipe: FlashRecipe, phase: int, cache: dict) -> dict[str, tupl
     probs = mixture_probs(recipe, phase)
     out = {n: [0.0, 0.0] for n in NAMES}
     for k in range(recipe.teacher_steps):
-        key = (recipe.recipe, on, k)
+        key = (recipe.recipe, recipe.chain_starts, on, k)
         if key not in cache:
             cache[key] = one_batch(recipe, step, k)
         for n in NAMES:
@@ -117,7 +126,7 @@ def phase_counts(recipe: FlashRecipe, phase: int, cache: dict) -> dict[str, tupl
 
 def recipe_table(fl: dict[str, float]) -> dict[str, list[dict]]:
     table = {}
-    for name, recipe in RECIPES.items():
+    for name, recipe in COUNTED.items():
         cache, rows = {}, []
         for phase in range(recipe.num_phases):
             per = phase_counts(recipe, phase, cache)

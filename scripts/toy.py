@@ -85,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", choices=("recipe", "sampler"), help="start-index mixture modes: the recipe's, or at "
                                                                   "the 4-step sampler's sigmas (an option)")
     p.add_argument("--recipes", default="flash-sd3,distill", help="named Flash recipes to run per student seed "
-                                                                   "(comma-separated; default flash-sd3,distill)")
+                                                                   "(comma-separated; default flash-sd3,distill; "
+                                                                   "also the options distill-chain, distill-mix, "
+                                                                   "distill-mix25)")
     p.add_argument("--student-seeds", help="student seeds of the recipe rows (comma-separated; default 0,1, "
                                            "--quick 0)")
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
@@ -93,13 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-        bad = [r for r in args.recipes if r not in recipes.PRESETS]
+        bad = [r for r in args.recipes if r not in recipes.NAMES]
         seeds = args.student_seeds or ("0" if args.quick else "0,1")
         args.student_seeds = tuple(int(x) for x in seeds.split(","))
     except ValueError:
         p.error(f"--student-seeds needs comma-separated integers, got {args.student_seeds!r}")
     if bad or any(x < 0 for x in args.student_seeds):
-        p.error(f"--recipes takes {', '.join(recipes.PRESETS)} and --student-seeds integers >= 0, got "
+        p.error(f"--recipes takes {', '.join(recipes.NAMES)} and --student-seeds integers >= 0, got "
                 f"{','.join(args.recipes)} / {args.student_seeds}")
     args.variants = (not args.quick) if args.variants is None else args.variants
     return args

@@ -1,7 +1,8 @@
 """`flashsd3-train flash` end to end on the demo model: 2-rank torchrun against 1 process, a resumed run against
 an uninterrupted one, the saved adapter, the sample grid. torchrun with OMP_NUM_THREADS=1 and the one-process
 runs in this process (one thread), as test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per
-phase) so every loss is exercised; both named recipes (--recipe flash-sd3, distill)."""
+phase) so every loss is exercised; both named recipes (--recipe flash-sd3, distill) and distill with the chain-start
+option on half of the batches (--chain-starts 0.5)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -32,7 +33,11 @@ def cache(demo_cache):
     return demo_cache  # conftest.py: one demo cache for every training-run test
 
 
-@pytest.fixture(scope="module", params=["flash-sd3", "distill"])
+RECIPE_ARGS = {"flash-sd3": ["--recipe", "flash-sd3"], "distill": ["--recipe", "distill"],
+               "distill-chain": ["--recipe", "distill", "--chain-starts", "0.5"]}
+
+
+@pytest.fixture(scope="module", params=list(RECIPE_ARGS))
 def recipe(request):
     return request.param
 
@@ -40,7 +45,7 @@ def recipe(request):
 @pytest.fixture(scope="module")
 def reference(cache, recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = run_here(flash(cache, out, "--recipe", recipe, "--sample-every", str(STEPS)))
+    proc = run_here(flash(cache, out, *RECIPE_ARGS[recipe], "--sample-every", str(STEPS)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -48,7 +53,8 @@ def reference(cache, recipe, tmp_path_factory):
 def test_reference_run_outputs(reference, recipe):
     logs = metrics(reference)
     assert [m["phase"] for m in logs] == [0, 1, 2, 3]
-    assert json.loads((reference / "config.json").read_text())["recipe"] == recipe
+    config = json.loads((reference / "config.json").read_text())
+    assert (config["recipe"], config["chain_starts"]) == (recipe.removesuffix("-chain"), 0.5 * recipe.endswith("chain"))
     names = state(reference)
     assert any(k.startswith("head.") for k in names) and any(".lora" in k or "lora_" in k for k in names)
     moved = {k: (state(reference)[k] - state(reference, 1)[k]).abs().max().item() for k in names}
@@ -67,7 +73,7 @@ def test_reference_run_outputs(reference, recipe):
 
 def test_two_ranks_equal_one(cache, recipe, reference, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_torchrun(flash(cache, out, "--recipe", recipe, ranks=2), out)
+    proc = run_torchrun(flash(cache, out, *RECIPE_ARGS[recipe], ranks=2), out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ours, ref = state(out), state(reference)
     assert sorted(ours) == sorted(ref)
@@ -83,7 +89,7 @@ def test_two_ranks_equal_one(cache, recipe, reference, tmp_path):
 
 def test_resumed_equals_uninterrupted(cache, recipe, reference, tmp_path):
     out = tmp_path / "resumed"
-    proc = run_here(flash(cache, out, "--recipe", recipe, steps=2))
+    proc = run_here(flash(cache, out, *RECIPE_ARGS[recipe], steps=2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = run_here(flash(cache, out, "--resume", steps=STEPS))  # the saved config holds the recipe
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -159,6 +159,8 @@ def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_
     """Distil a LoRA student from the teacher file; returns (model with adapters, text, history of scalars).
     probe_*: fixed prompts, noises and the reference's samples for the logged 1-step paired L2; `counter`
     records the model calls of the iterations."""
+    if bank is not None and run.flash.chain_starts > 0:
+        raise ValueError("the bank option replaces the recipe's start points: it does not take --chain-starts")
     model, text = load_teacher(teacher_path)
     model.requires_grad_(False)
     text.requires_grad_(False)

@@ -4,7 +4,9 @@ fd_ref, paired_l2 and mean_chroma, and the issue's bounds for the distill rows a
 
 `flash-sd3` runs as the toy's faithful student (`distill.ToyFlashRun`, the bank option as configured); `distill`
 is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, on the recipe's own start points
-(noised data, live teacher solves), never a bank.
+(noised data, live teacher solves), never a bank. The toy's named options over a preset, `OPTIONS` (rows of their own,
+e.g. `distill-chain_seed0_4step`): `distill-chain` = distill with every start on the student's own sampler chain
+(--chain-starts 1), `distill-mix` = half of the batches so (--chain-starts 0.5), `distill-mix25` a quarter.
 """
 from __future__ import annotations
 
@@ -21,16 +23,21 @@ from .model import load_teacher
 DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "teacher_4_cfg"),
                   "fd_data": ("max", 0.3, "teacher_4_cfg")}
 ONE_STEP_FD_REF = 30.0
+# toy rows of a preset with options (training.flash.FlashRecipe fields): name -> (preset, fields)
+OPTIONS = {"distill-chain": ("distill", {"chain_starts": 1.0}), "distill-mix": ("distill", {"chain_starts": 0.5}),
+           "distill-mix25": ("distill", {"chain_starts": 0.25})}
+NAMES = (*PRESETS, *OPTIONS)
 
 
 def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
     """The toy run of recipe `name` for student seed `seed`: flash-sd3 = `base`; another recipe = its preset's
-    values over base's sizes, on noised-data starts (bank 0)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(PRESETS)}")
+    values over base's sizes, on the recipe's own starts (bank 0); an OPTIONS name = its preset with its fields."""
+    if name not in NAMES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(NAMES)}")
     if name == "flash-sd3":
         return replace(base, seed=seed)
-    return replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=name, **PRESETS[name]))
+    preset, fields = OPTIONS.get(name, (name, {}))
+    return replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **PRESETS[preset], **fields))
 
 
 def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):
@@ -77,13 +84,15 @@ def recipe_rows(teacher_path, evaluator, base: ToyFlashRun, *, recipes, seeds, s
 
 
 def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
-    """The bounds on every `<recipe>_seed<S>_4step` / `_1step` row present: one entry per (row, bound)."""
+    """The bounds on every `<recipe>_seed<S>_4step` / `_1step` row present, and on the rows of `recipe`'s
+    OPTIONS: one entry per (row, bound)."""
     from .evaluate import parse_row_key
 
+    names = {recipe, *(n for n, (preset, _) in OPTIONS.items() if preset == recipe)}
     out = []
     for key, row in rows.items():
         parsed = parse_row_key(key)
-        if parsed is None or parsed[0] != recipe:
+        if parsed is None or parsed[0] not in names:
             continue
         if parsed[2] == 4:
             for metric, (kind, value, rel) in DISTILL_BOUNDS.items():

@@ -32,19 +32,22 @@ from .step import (
     FlashModels,
     Start,
     StepRandom,
+    chain_start,
+    chain_start_at,
     discriminator_loss,
     dmd_velocities,
     flash_step,
     generator_loss,
     noised_data_start,
     noised_data_start_at,
+    recipe_start,
     student_x0,
     teacher_target,
 )
 
 __all__ = ["RECIPES", "DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "Start",
-           "StepRandom", "disc_head_downsamples", "discriminator_loss", "distill_l2", "dmd_loss", "dmd_velocities",
-           "draw_guidance", "draw_start_index", "expected_teacher_steps", "flash_step", "generator_loss",
-           "lsgan_discriminator_loss", "lsgan_generator_loss", "make_head", "mixture_probs", "mmdit_flash_models",
-           "named_recipe", "noised_data_start", "noised_data_start_at", "student_x0", "teacher_features",
-           "teacher_target"]
+           "StepRandom", "chain_start", "chain_start_at", "disc_head_downsamples", "discriminator_loss",
+           "distill_l2", "dmd_loss", "dmd_velocities", "draw_guidance", "draw_start_index", "expected_teacher_steps",
+           "flash_step", "generator_loss", "lsgan_discriminator_loss", "lsgan_generator_loss", "make_head",
+           "mixture_probs", "mmdit_flash_models", "named_recipe", "noised_data_start", "noised_data_start_at",
+           "recipe_start", "student_x0", "teacher_features", "teacher_target"]

@@ -21,6 +21,10 @@ sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`; the named o
                DMD term compares the teacher's CFG velocity with the student's own (conditional) one, and the
                teacher's CFG output is no fixed point of it, so DMD students stay as saturated as few-step CFG;
                the distillation term alone reproduces the many-step teacher (results/toy/FLASH_DIAGNOSIS.md).
+
+Option --chain-starts p (not the recipe, either preset): with probability p per batch the student starts on its
+own Flash sampler chain from pure noise z and is pulled towards the teacher's CFG solve from z, the sample that
+chain should end on (step.chain_start).
 """
 from __future__ import annotations
 
@@ -64,7 +68,12 @@ class FlashRecipe:
     mixture_modes: str = opt("recipe", "start-index modes: recipe (m * K // n, [M] L157-177) or sampler (the grid "
                                        "indices nearest the Flash sampler's sigmas: an option, not the recipe)",
                              choices=CHOICES["mixture_modes"])
-    sampler_steps: int = opt(4, "Flash sampler steps whose sigmas place the modes (--mixture-modes sampler)")
+    sampler_steps: int = opt(4, "Flash sampler steps whose sigmas place the modes (--mixture-modes sampler) and "
+                                "whose chain --chain-starts rolls")
+    chain_starts: float = opt(0.0, "probability per batch of a chain start (an option, not the recipe): pure noise z, "
+                                   "the student's own Flash sampler steps from z (no grad, fresh re-noise) up to the "
+                                   "sampler step of the drawn mode, pulled towards the teacher's CFG solve from z; "
+                                   "else the recipe's noised-data start (0: always, the recipe)")
     # -> sigma 0.0294, 0.5, 0.75, 0.9 on the 1000-entry training grid ([M] L523-535)
     adv_positions: tuple[int, ...] = opt((-10, -250, -500, -750), "adversarial noise levels: positions in the "
                                                                   "1000-entry training sigma table")
@@ -105,9 +114,12 @@ class FlashRecipe:
                 not all(sum(w) > 0 for w in self.mode_weights):
             bad.append(f"--mode-weights needs rows of equal length, weights >= 0 and a positive sum per phase, "
                        f"got {self.mode_weights}")
-        elif self.mixture_modes == "sampler" and self.sampler_steps != modes.pop():
-            bad.append(f"--mixture-modes sampler places one mode per sampler step: --sampler-steps "
-                       f"{self.sampler_steps} needs as many weights per phase, got {len(self.mode_weights[0])}")
+        elif (self.mixture_modes == "sampler" or self.chain_starts > 0) and self.sampler_steps != modes.pop():
+            why = "--mixture-modes sampler places" if self.mixture_modes == "sampler" else "--chain-starts maps"
+            bad.append(f"{why} one mode per sampler step: --sampler-steps {self.sampler_steps} needs as many "
+                       f"weights per phase, got {len(self.mode_weights[0])}")
+        if not 0 <= self.chain_starts <= 1:
+            bad.append(f"--chain-starts is a probability in [0, 1], got {self.chain_starts}")
         if not 0 < self.guidance_min <= self.guidance_max < math.inf:
             bad.append(f"--guidance-min {self.guidance_min} and --guidance-max {self.guidance_max} must be finite "
                        "with 0 < min <= max")
@@ -157,6 +169,12 @@ class FlashRecipe:
             return tuple(m * (self.teacher_steps // n) for m in range(n))
         grid = self.grid()[:-1]
         return tuple(int((grid - s).abs().argmin()) for s in flash_sigmas(self.sampler_steps, self.shift)[:-1])
+
+    def chain_step(self, k: int) -> int:
+        """The Flash sampler step j of start index k for a chain start: the mode nearest k (mode j <-> step j;
+        the first on a tie), e.g. k = 9, 10, 11 -> 1 for the modes 0, 10, 21, 31."""
+        modes = self.mode_indices()
+        return min(range(len(modes)), key=lambda j: abs(modes[j] - k))
 
     def phase(self, step: int) -> int:
         """Phase (0-based) of batch `step` (0-based)."""

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ... import rng
-from ...sampling import cfg_denoiser, forward_process, sample_euler
+from ...sampling import cfg_denoiser, flash_sigmas, forward_process, sample_euler
+from ...sampling.flash import flash_step as sampler_step
 from ...sampling.flow_match import NUM_TRAIN_TIMESTEPS
 from ..objectives import training_sigma_table
 from .discriminator import lsgan_discriminator_loss, lsgan_generator_loss
@@ -30,6 +31,7 @@ from .recipe import FlashRecipe, draw_guidance, draw_start_index
 ModelFn = Callable[..., torch.Tensor]  # (x (B,C,H,W), t (B,), *cond) -> velocity or features
 G_PASS, D_PASS = 0, 1  # the two passes of a batch, keys of their random streams
 BATCH = -1  # key of a pass's batch-level stream (per-sample streams are keyed by sample ids >= 0)
+CHAIN = -2  # key of a pass's chain-start streams: the batch's coin, then per sample id the chain's re-noise
 
 
 @dataclass
@@ -73,12 +75,14 @@ class StepRandom:
 @dataclass
 class Start:
     """Where the student starts and what it is pulled towards: x_k at grid index k (B, C, H, W), the guidance w
-    of the target, and the target itself, computed only when asked for (the discriminator's pass needs none)."""
+    of the target, and the target itself, computed only when asked for (the discriminator's pass needs none).
+    `sigma`: x_k's noise level where it is not the grid's sigma_k (a chain start sits at the sampler's sigmas)."""
 
     k: int
     guidance: float
     x_k: torch.Tensor
     target: Callable[[], torch.Tensor]
+    sigma: torch.Tensor | None = None
 
 
 StartFn = Callable[["FlashModels", FlashRecipe, FlashBatch, int, StepRandom], Start]  # (.., phase, rnd) -> Start
@@ -101,6 +105,41 @@ def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashB
     return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, sigmas, 0, batch.cond, batch.uncond, w))
 
 
+def chain_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
+    """A start on the student's own Flash sampler chain (option --chain-starts): k and w drawn as the recipe's,
+    then `chain_start_at`."""
+    k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
+    return chain_start_at(models, recipe, batch, k, w, rnd)
+
+
+def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, k: int, w: float,
+                   rnd: StepRandom) -> Start:
+    """z = the noise the recipe's start would draw; the student (adapters on, no grad) runs the Flash sampler
+    from z over its sigmas s_0 = 1 > ... > s_j, j = recipe.chain_step(k), re-noising with per-sample streams keyed
+    CHAIN; the target is the teacher's CFG solve from z over recipe.target_sigmas(0). So a student that meets it
+    at every step ends its chain on the teacher's sample from z; at j = 0 this is the recipe's start at k = 0."""
+    z, j = rnd.randn(batch.x0), recipe.chain_step(k)
+    sigmas = flash_sigmas(recipe.sampler_steps, recipe.shift)[: j + 1]
+    streams = rng.sample_generators(rnd.seed, rnd.step, rnd.pass_, CHAIN, ids=rnd.ids)
+    x = z
+    with torch.no_grad():
+        for i in range(j):
+            v = models.student(x, (sigmas[i] * NUM_TRAIN_TIMESTEPS).expand(len(x)).to(x.device), *batch.cond)
+            x = sampler_step(x, v, sigmas[i], sigmas[i + 1], rng.randn(streams, x.shape[1:]).to(x.device, x.dtype))
+    target = recipe.target_sigmas(0)
+    return Start(recipe.mode_indices()[j], w, x,
+                 lambda: teacher_target(models.teacher, z, target, 0, batch.cond, batch.uncond, w), sigma=sigmas[j])
+
+
+def recipe_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
+    """The recipe's noised-data start, or with probability recipe.chain_starts (one coin per batch, its own
+    stream keyed CHAIN) a chain start; chain_starts 0 (the recipe) draws no coin."""
+    if recipe.chain_starts > 0 and \
+            float(torch.rand((), generator=rng.generator(rnd.seed, rnd.step, rnd.pass_, CHAIN))) < recipe.chain_starts:
+        return chain_start(models, recipe, batch, phase, rnd)
+    return noised_data_start(models, recipe, batch, phase, rnd)
+
+
 @dataclass
 class FlashModels:
     """The callables one iteration needs; `head` is the trainable discriminator head, `start` makes each pass's
@@ -111,7 +150,7 @@ class FlashModels:
     features: ModelFn  # discriminator input from the frozen teacher (its output, or block tokens)
     head: nn.Module
     distill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = distill_l2  # or losses.LpipsDistill
-    start: StartFn = noised_data_start
+    start: StartFn = recipe_start
 
 
 def teacher_target(teacher: ModelFn, x_k: torch.Tensor, grid: torch.Tensor, k: int, cond, uncond,
@@ -166,7 +205,8 @@ class Pass:
 
 def _start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, rnd: StepRandom, grad: bool):
     start = models.start(models, recipe, batch, recipe.phase(rnd.step), rnd)
-    sigma_k = recipe.grid()[start.k].expand(len(batch.x0)).clone()
+    sigma = recipe.grid()[start.k] if start.sigma is None else start.sigma
+    sigma_k = sigma.expand(len(batch.x0)).clone()
     with torch.set_grad_enabled(grad):
         x0_hat = student_x0(models.student, start.x_k, sigma_k, batch.cond)
     return start, x0_hat
