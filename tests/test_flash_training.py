@@ -85,7 +85,7 @@ def test_teacher_target_makes_k_to_zero_cfg_steps():
     grid, x = r.grid(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
     for k in (0, 3, 7):
         calls.clear()
-        y = teacher_target(teacher, x, grid, k, (c_cond,), (c_neg,), 5.0)
+        y = teacher_target(teacher, x, grid[k:], (c_cond,), (c_neg,), 5.0)
         v = -1.0 + 5.0 * (2.0 - (-1.0))  # v_neg + w (v_cond - v_neg)
         assert len(calls) == r.teacher_steps - k and all(t.shape == (4,) for t in calls)  # batched [neg, cond]
         torch.testing.assert_close(torch.stack([t[0] for t in calls]), grid[k:-1] * 1000, rtol=0, atol=0)

@@ -155,12 +155,13 @@ def make_config(cls, *layers: tuple[dict[str, Any], str | None]):
                 raise ValueError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
             values[key] = convert(known[key], value, flag(key) if source is None else f"setting {key!r} in {source}")
     top = {k: v for k, v in values.items() if known[k].parent is None}
-    for parent in {s.parent for s in known.values() if s.parent}:
-        base = next(f.default for f in fields(cls) if f.name == parent)
-        inner = {k: v for k, v in values.items() if known[k].parent == parent}
-        if hasattr(base, "preset"):  # a named preset (FlashRecipe's --recipe) is the base the other values override
-            base = base.preset(inner)
-        top[parent] = replace(base, **inner)
+    parents = {s.parent for s in known.values() if s.parent}
+    for f in (f for f in fields(cls) if f.name in parents):
+        inner = {k: v for k, v in values.items() if known[k].parent == f.name}
+        # a nested configuration with named presets declares preset(values) -> the base its values override
+        # (FlashConfig.recipe: --recipe distill); others start from the field's default
+        preset = f.metadata.get("preset")
+        top[f.name] = replace(preset(inner) if preset else f.default, **inner)
     return cls(**top)
 
 

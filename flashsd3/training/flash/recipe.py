@@ -130,11 +130,6 @@ class FlashRecipe:
                        f"--disc-input {self.disc_input} --disc-blocks {','.join(map(str, self.disc_blocks)) or '-'}")
         return bad
 
-    def preset(self, values: dict) -> FlashRecipe:
-        """The named recipe `values` selects (its "recipe" entry, else this one's): the base of a configuration
-        (training/config.make_config), whose other values override its fields."""
-        return named_recipe(values.get("recipe", self.recipe))
-
     @property
     def num_phases(self) -> int:
         return len(self.mode_weights)
@@ -201,6 +196,12 @@ def named_recipe(name: str, **changes) -> FlashRecipe:
     if name not in RECIPES:
         raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
     return replace(RECIPES[name], **changes)
+
+
+def preset_for(values: dict) -> FlashRecipe:
+    """The named recipe that settings `values` select (their "recipe" entry, else the released one): the base
+    their other values override (training/config.make_config)."""
+    return named_recipe(values.get("recipe", FlashRecipe.recipe))
 
 
 def mixture_probs(recipe: FlashRecipe, phase: int) -> torch.Tensor:

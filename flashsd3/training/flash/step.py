@@ -102,7 +102,7 @@ def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashB
     from x_k to 0 over recipe.target_sigmas(k) (the K-grid's sigma_k..0 in the recipe)."""
     x_k = forward_process(batch.x0, rnd.randn(batch.x0), recipe.grid()[k])
     sigmas = recipe.target_sigmas(k)
-    return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, sigmas, 0, batch.cond, batch.uncond, w))
+    return Start(k, w, x_k, lambda: teacher_target(models.teacher, x_k, sigmas, batch.cond, batch.uncond, w))
 
 
 def chain_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
@@ -128,7 +128,7 @@ def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
             x = sampler_step(x, v, sigmas[i], sigmas[i + 1], rng.randn(streams, x.shape[1:]).to(x.device, x.dtype))
     target = recipe.target_sigmas(0)
     return Start(recipe.mode_indices()[j], w, x,
-                 lambda: teacher_target(models.teacher, z, target, 0, batch.cond, batch.uncond, w), sigma=sigmas[j])
+                 lambda: teacher_target(models.teacher, z, target, batch.cond, batch.uncond, w), sigma=sigmas[j])
 
 
 def recipe_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
@@ -153,12 +153,13 @@ class FlashModels:
     start: StartFn = recipe_start
 
 
-def teacher_target(teacher: ModelFn, x_k: torch.Tensor, grid: torch.Tensor, k: int, cond, uncond,
+def teacher_target(teacher: ModelFn, x_k: torch.Tensor, sigmas: torch.Tensor, cond, uncond,
                    guidance: float) -> torch.Tensor:
-    """y = the teacher's CFG Euler solve from grid[k] to 0 over grid[k:] (the K-grid: K - k steps) of
-    x <- x + (sigma_{i+1} - sigma_i) (v(x, c_neg) + w (v(x, c) - v(x, c_neg))), one batched [neg, c] call each."""
+    """y = the teacher's CFG Euler solve from sigmas[0] (x_k's level) to sigmas[-1] = 0 (the recipe: the K-grid's
+    sigma_k..0, K - k steps) of x <- x + (sigma_{i+1} - sigma_i) (v(x, c_neg) + w (v(x, c) - v(x, c_neg))), one
+    batched [neg, c] call each."""
     with torch.no_grad():
-        return sample_euler(cfg_denoiser(teacher, cond, uncond, guidance), x_k, grid[k:])
+        return sample_euler(cfg_denoiser(teacher, cond, uncond, guidance), x_k, sigmas)
 
 
 def student_x0(student: ModelFn, x_k: torch.Tensor, sigma_k: torch.Tensor, cond) -> torch.Tensor:

@@ -9,7 +9,7 @@ is skipped by AdamW, so the two updates equal the recipe's two optimisers (gojas
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ..trainable import save_trained, set_trainable
 from .discriminator import make_head
 from .losses import check_lpips
 from .models import mmdit_flash_models
-from .recipe import FlashRecipe
+from .recipe import FlashRecipe, preset_for
 from .step import FlashBatch, flash_step
 
 SAMPLE_STEPS = (1, 2, 4)  # student columns of the sample grid; the teacher's is the last column
@@ -43,7 +43,8 @@ class FlashConfig(TrainConfig):
     lora_alpha: float = opt(8.0, "LoRA alpha (flash-sd3: 8, scale 0.125)")
     negative: str = opt("recipe", "CFG negative: the recipe's negative prompt (cached by prepare) or empty",
                         choices=("recipe", "empty"))
-    recipe: FlashRecipe = FlashRecipe()  # its fields are settings of their own (--teacher-steps, ...)
+    # its fields are settings of their own (--teacher-steps, ...); --recipe names the preset the others override
+    recipe: FlashRecipe = field(default=FlashRecipe(), metadata={"preset": preset_for})
 
     command = "flash"
 
