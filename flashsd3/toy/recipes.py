@@ -14,9 +14,11 @@ import time
 from dataclasses import replace
 
 from .. import rng
+from ..training.config import flag
 from ..training.flash.cost import CallCounter
 from ..training.flash.recipe import PRESETS
 from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, make_bank
+from .evaluate import parse_row_key
 from .model import load_teacher
 
 # the distill rows' bounds (4 steps unless said): relative to the teacher's 4-step CFG row, or absolute
@@ -27,6 +29,13 @@ ONE_STEP_FD_REF = 30.0
 OPTIONS = {"distill-chain": ("distill", {"chain_starts": 1.0}), "distill-mix": ("distill", {"chain_starts": 0.5}),
            "distill-mix25": ("distill", {"chain_starts": 0.25})}
 NAMES = (*PRESETS, *OPTIONS)
+
+
+def preset_flags(name: str) -> str:
+    """A preset's values as the flashsd3-train flags that set them, e.g. `--mixture-modes sampler --target-steps 8`."""
+    def shown(v):
+        return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v)
+    return " ".join(f"{flag(k)} {shown(v)}" for k, v in PRESETS[name].items())
 
 
 def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
@@ -86,8 +95,6 @@ def recipe_rows(teacher_path, evaluator, base: ToyFlashRun, *, recipes, seeds, s
 def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
     """The bounds on every `<recipe>_seed<S>_4step` / `_1step` row present, and on the rows of `recipe`'s
     OPTIONS: one entry per (row, bound)."""
-    from .evaluate import parse_row_key
-
     names = {recipe, *(n for n, (preset, _) in OPTIONS.items() if preset == recipe)}
     out = []
     for key, row in rows.items():
@@ -108,8 +115,6 @@ def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
 
 def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
     """The recipe rows, the distill bounds and each run's wall time and model calls, as a RESULTS.md section."""
-    from .evaluate import parse_row_key
-
     keys = ["teacher_cfg_ref", "teacher_4_cfg", *(k for k in rows if parse_row_key(k))]
     table = ["| row | NFE | adherence | fd_data | fd_ref | paired_l2 | mean_chroma |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -133,7 +138,7 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
     distill_run = recipe_run(base, "distill", 0).flash
     return f"""## Named recipes (`--recipe`): rows `<recipe>_seed<S>_<N>step`
 - `flash-sd3`: the faithful student of the section above (its settings), per student seed (the seed of the
-  adapters' init, the head, the batches and the bank). `distill`: {PRESETS['distill']} over the same sizes:
+  adapters' init, the head, the batches and the bank). `distill`: `{preset_flags('distill')}` over the same sizes:
   the distillation term only, no discriminator pass, noised-data starts with live teacher CFG solves (w per
   batch, U{list(distill_run.guidance)}), target solved on the {distill_run.target_steps}-step grid below sigma_k;
   modes at grid indices {distill_run.mode_indices()}.
