@@ -74,9 +74,9 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
     return total
 
 
-# the recipes counted: the named ones, and the distill preset with every start on the student's chain (an option;
-# --chain-starts p costs (1 - p) x distill + p x this, per phase)
-COUNTED = {**RECIPES, "distill --chain-starts 1": named_recipe("distill", chain_starts=1.0)}
+# the recipes counted: the named ones (distill: every start on the student's chain), and distill on the noised-data
+# starts (--chain-starts 0, the preset before chains; --chain-starts p costs (1 - p) x that + p x distill, per phase)
+COUNTED = {**RECIPES, "distill --chain-starts 0": named_recipe("distill", chain_starts=0.0)}
 
 
 def fixed_start(k: int):

@@ -26,7 +26,7 @@ from flashsd3.training.flash.cost import CallCounter
 from flashsd3.training.flash.step import CHAIN
 from flashsd3.training.loop import OptimizerStep
 
-CHAIN_RECIPE = named_recipe("distill", chain_starts=1.0)
+CHAIN_RECIPE = named_recipe("distill", renoise="fresh")  # chain starts (the preset's) re-noised as the released sampler
 SEED, B = 11, 3
 
 
@@ -79,6 +79,29 @@ def test_chain_visits_the_sampler_sigmas_in_order_with_fresh_keyed_noise(j):
     torch.testing.assert_close(start.x_k, x, rtol=0, atol=0)  # the same float32 operations in the same order
     if j >= 2:  # fresh noise at each step, unlike the pass's z
         assert not torch.allclose(draws[0], draws[1]) and not torch.allclose(draws[0], z)
+
+
+@pytest.mark.parametrize("j", [1, 2, 3])
+def test_chain_with_renoise_initial_re_noises_with_z(j):
+    """--renoise initial: every step of the rollout re-noises the student's x0 with the pass's own z (the
+    flash_initial sampler), so the point is the forward process of the last x0 at s_j with z."""
+    recipe, batch, student = named_recipe("distill"), _batch(), Recorder()
+    assert recipe.sampler == "flash_initial" and CHAIN_RECIPE.sampler == "flash"
+    models = FlashModels(student=student, teacher=None, features=None, head=None)
+    step = _step_for(recipe, 3, recipe.mode_indices()[j])
+    start = chain_start(models, recipe, batch, 3, StepRandom(SEED, step, 0, batch.ids))
+    sigmas = flash_sigmas(4, 3.0)
+    x = z = StepRandom(SEED, step, 0, batch.ids).randn(batch.x0)
+    for i in range(j):
+        torch.testing.assert_close(student.calls[i][1], x, rtol=0, atol=0)
+        x0 = x - sigmas[i] * (0.5 * x + 2.0)
+        x = sigmas[i + 1] * z + (1 - sigmas[i + 1]) * x0
+    torch.testing.assert_close(start.x_k, x, rtol=0, atol=0)  # the same float32 operations in the same order
+    fresh = chain_start(FlashModels(student=Recorder(), teacher=None, features=None, head=None), CHAIN_RECIPE,
+                        batch, 3, StepRandom(SEED, step, 0, batch.ids))
+    assert not torch.allclose(fresh.x_k, start.x_k)  # the released sampler's fresh draws are another chain
+    with pytest.raises(ValueError, match="--renoise must be one of fresh, initial, got 'same'"):
+        replace(CHAIN_RECIPE, renoise="same")
 
 
 def test_chain_is_the_same_per_sample_on_any_shard():
@@ -135,8 +158,9 @@ def test_recipe_start_draws_one_coin_per_batch():
     assert [chained(0.5, s) for s in steps] == [c < 0.5 for c in coins]
     assert 80 < sum(c < 0.5 for c in coins) < 120
     assert all(chained(1.0, s) for s in steps[:20]) and not any(chained(0.0, s) for s in steps[:20])
-    data = recipe_start(models, named_recipe("distill"), batch, 3, StepRandom(SEED, 7500, 0, batch.ids))
-    same = noised_data_start(models, named_recipe("distill"), batch, 3, StepRandom(SEED, 7500, 0, batch.ids))
+    data_recipe = named_recipe("distill", chain_starts=0.0)
+    data = recipe_start(models, data_recipe, batch, 3, StepRandom(SEED, 7500, 0, batch.ids))
+    same = noised_data_start(models, data_recipe, batch, 3, StepRandom(SEED, 7500, 0, batch.ids))
     assert data.k == same.k and torch.equal(data.x_k, same.x_k)
 
 
@@ -144,7 +168,7 @@ def test_chain_step_and_settings():
     r = CHAIN_RECIPE
     assert [r.chain_step(k) for k in (0, 1, 9, 10, 11, 15, 16, 20, 21, 26, 27, 31)] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2,
                                                                                            3, 3]
-    assert named_recipe("distill").chain_starts == 0 and named_recipe("flash-sd3").chain_starts == 0
+    assert named_recipe("distill").chain_starts == 1 and named_recipe("flash-sd3").chain_starts == 0
     with pytest.raises(ValueError, match=r"--chain-starts is a probability in \[0, 1\], got 1.5"):
         named_recipe("distill", chain_starts=1.5)
     with pytest.raises(ValueError, match="--chain-starts maps one mode per sampler step: --sampler-steps 2"):

@@ -92,10 +92,12 @@ def test_one_flash_iteration_makes_the_calls_the_recipe_implies(d_pass):
 
 @pytest.mark.parametrize("target_steps", [0, 3])
 def test_the_distill_recipe_calls_the_teacher_for_its_target_only(target_steps):
-    """distill: one student forward and its backward, the teacher's CFG solve over recipe.target_sigmas(k), no
+    """distill on noised-data starts (--chain-starts 0; its chain starts: test_flash_chain): one student forward
+    and its backward, the teacher's CFG solve over recipe.target_sigmas(k), no
     DMD, no GAN, no discriminator pass: the features and the head are never called."""
     B = 3
-    recipe = named_recipe("distill", teacher_steps=6, target_steps=target_steps, phase_batches=(1, 1, 1),
+    recipe = named_recipe("distill", chain_starts=0.0, teacher_steps=6, target_steps=target_steps,
+                          phase_batches=(1, 1, 1),
                           guidance_min=2.0, guidance_max=3.0)
     c, head, run = _iteration(recipe, B)
     before = [p.clone() for p in head.parameters()]

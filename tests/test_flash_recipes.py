@@ -29,8 +29,9 @@ def test_presets_fields():
     assert RECIPES["flash-sd3"] == FlashRecipe()  # the released recipe is the default, field for field
     d = RECIPES["distill"]
     changed = {k for k in FlashRecipe.__dataclass_fields__ if getattr(d, k) != getattr(FlashRecipe(), k)}
-    assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps"}
+    assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps", "chain_starts", "renoise"}
     assert (d.lambda_adv, d.lambda_dmd, d.mixture_modes, d.target_steps) == (ZERO, ZERO, "sampler", 8)
+    assert (d.chain_starts, d.renoise, d.sampler) == (1.0, "initial", "flash_initial")
     assert d.lambda_distill == (1.0,) * 4 and d.mode_weights == FlashRecipe().mode_weights  # the recipe's phases
     assert not d.uses_discriminator() and FlashRecipe().uses_discriminator()
     assert named_recipe("distill", target_steps=0).target_steps == 0

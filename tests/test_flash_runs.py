@@ -54,7 +54,9 @@ def test_reference_run_outputs(reference, recipe):
     logs = metrics(reference)
     assert [m["phase"] for m in logs] == [0, 1, 2, 3]
     config = json.loads((reference / "config.json").read_text())
-    assert (config["recipe"], config["chain_starts"]) == (recipe.removesuffix("-chain"), 0.5 * recipe.endswith("chain"))
+    chain = {"flash-sd3": 0.0, "distill": 1.0, "distill-chain": 0.5}[recipe]  # distill's preset: every batch
+    assert (config["recipe"], config["chain_starts"]) == (recipe.removesuffix("-chain"), chain)
+    assert config["renoise"] == ("fresh" if recipe == "flash-sd3" else "initial")
     names = state(reference)
     assert any(k.startswith("head.") for k in names) and any(".lora" in k or "lora_" in k for k in names)
     moved = {k: (state(reference)[k] - state(reference, 1)[k]).abs().max().item() for k in names}

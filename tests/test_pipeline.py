@@ -190,6 +190,19 @@ def test_seed_with_own_noise(twins):
     assert torch.equal(seeded, pipe("a cat", latents=start, noise=e, **kw).latents)
 
 
+def test_flash_initial_re_noises_with_the_start_noise(twins):
+    """sampler="flash_initial" (a student distilled with --renoise initial): the pipeline hands the sampler the
+    run's initial noise as its re-noise, whatever the seed or generator; = the Flash sampler given that noise."""
+    pipe = twins(torch.float32, True).ours
+    kw = dict(height=H, width=W, num_steps=4, output_type="latent")
+    start = PerImageNoise([3, 4]).draw((2, 4, H // 4, W // 4))
+    got = pipe(PROMPTS, seed=[3, 4], sampler="flash_initial", **kw).latents
+    assert torch.equal(got, pipe(PROMPTS, latents=start, sampler="flash", noise=[start] * 3, **kw).latents)
+    other = pipe(PROMPTS, latents=start, generator=torch.Generator().manual_seed(9), sampler="flash_initial", **kw)
+    assert torch.equal(got, other.latents)  # no re-noise is drawn
+    assert rel_max(got, pipe(PROMPTS, seed=[3, 4], sampler="flash", **kw).latents) > 1e-2
+
+
 # Input checks --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size, match", [

@@ -20,6 +20,7 @@ from flashsd3.sampling import (
     flash_sigmas,
     flash_step,
     flow_match_sigmas,
+    get_sampler,
     sample_euler,
     sample_flash,
     shift_sigmas,
@@ -165,6 +166,22 @@ def test_flash_seeded_runs_reproduce_and_noise_sources_agree():
         sample_flash(toy_velocity, latents(0), sig, noise=noise[:2])
     with pytest.raises(ValueError, match="either `generator` or `noise`"):
         sample_flash(toy_velocity, latents(0), sig, noise=noise, generator=g)
+
+
+def test_flash_initial_re_noises_with_the_initial_noise():
+    """The flash_initial sampler (a student trained with --renoise initial): x0 = x - s v, then the forward
+    process at the next sigma with the run's initial noise z, the x0 itself at the last step; written out."""
+    z, sig = latents(0), flash_sigmas(4)
+    got = get_sampler("flash_initial").run(toy_velocity, z, sig, z, None)
+    x = z
+    for i in range(4):
+        x0 = x - sig[i] * toy_velocity(x, (1000 * sig[i]).expand(len(x)))
+        x = x0 if i == 3 else sig[i + 1] * z + (1 - sig[i + 1]) * x0
+    torch.testing.assert_close(got, x, rtol=0, atol=0)  # the same float32 operations in the same order
+    assert torch.equal(got, sample_flash(toy_velocity, z, sig, noise=[z, z, z]))
+    assert get_sampler("flash_initial").same_noise and not get_sampler("flash").same_noise
+    with pytest.raises(ValueError, match="re-noises with the initial noise: pass it as one tensor"):
+        get_sampler("flash_initial").run(toy_velocity, z, sig, [z, z, z], None)
 
 
 def test_flash_keeps_latent_dtype_and_calls_back():

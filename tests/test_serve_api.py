@@ -166,13 +166,14 @@ def test_a1111_sampler_it_lacks_is_422_listing_its_own(server):
                                                      "height": 64})
     assert status == 422
     assert r == {"error": "unknown_sampler", "body": "", "detail": r["errors"],
-                 "errors": "sampler 'Euler a' is not available; flashsd3 has: Flash (flash), Euler (euler), "
-                           "DPM++ 2M (dpmpp_2m)"}
+                 "errors": "sampler 'Euler a' is not available; flashsd3 has: Flash (flash), Flash (initial noise) "
+                           "(flash_initial), Euler (euler), DPM++ 2M (dpmpp_2m)"}
 
 
 def test_a1111_info_routes(server):
     assert server.get("/sdapi/v1/sd-models")[2][0]["model_name"] == "demo"
-    assert [s["name"] for s in server.get("/sdapi/v1/samplers")[2]] == ["Flash", "Euler", "DPM++ 2M"]
+    assert [s["name"] for s in server.get("/sdapi/v1/samplers")[2]] == ["Flash", "Flash (initial noise)", "Euler",
+                                                                         "DPM++ 2M"]
     assert server.get("/sdapi/v1/options")[2]["sd_model_checkpoint"] == "demo"
     assert server.get("/sdapi/v1/loras")[2] == []
     progress = server.get("/sdapi/v1/progress")[2]

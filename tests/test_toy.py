@@ -197,3 +197,31 @@ def test_toy_script_smoke(tmp_path):
     calls = runs["distill_seed0"]["calls_per_sample"]  # no discriminator: the features are never called
     assert "features" not in calls and calls["student"]["backward"] == 1.0
     assert "| `distill_seed0_4step` |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_toy_recipe_runs_apply_preset_options_and_batches():
+    """recipes.recipe_run: flash-sd3 = the base run; distill = the preset over the toy's sizes at BATCHES x its
+    batches (phases the 4 quarters); each option = the preset with its fields, at the toy's batches."""
+    from dataclasses import replace
+
+    from flashsd3.toy.distill import ToyFlashRun
+    from flashsd3.toy.recipes import BATCHES, NAMES, OPTIONS, recipe_run
+    from flashsd3.training.flash import RECIPES
+
+    base = replace(ToyFlashRun(), steps=400)
+    assert recipe_run(base, "flash-sd3", 3) == replace(base, seed=3)
+    d = recipe_run(base, "distill", 1)
+    assert (d.seed, d.bank, d.steps, d.flash.phase_batches) == (1, 0, 400 * BATCHES["distill"], (200, 200, 200))
+    preset = RECIPES["distill"]
+    assert all(getattr(d.flash, k) == getattr(preset, k) for k in ("lambda_adv", "lambda_dmd", "mixture_modes",
+                                                                    "target_steps", "chain_starts", "renoise"))
+    assert d.flash.guidance == base.flash.guidance and d.flash.sampler == "flash_initial"  # the toy's sizes
+    for name, (p, fields) in OPTIONS.items():
+        run = recipe_run(base, name, 0)
+        assert run.flash.recipe == p and all(getattr(run.flash, k) == v for k, v in fields.items()), name
+        assert run.steps == 400 * BATCHES.get(name, 1)
+    data = recipe_run(base, "distill-data", 0)
+    assert (data.flash.chain_starts, data.flash.sampler, data.steps) == (0.0, "flash", 400)
+    assert set(NAMES) == {*RECIPES, *OPTIONS}
+    with pytest.raises(ValueError, match="unknown recipe 'dmd'"):
+        recipe_run(base, "dmd", 0)

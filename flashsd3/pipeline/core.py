@@ -230,6 +230,7 @@ class FlashSD3Pipeline:
             self, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
             control_mask if control_mask is not None else mask, batch, x.shape, rng, len(sched) - 1, resize)
         denoise = self.denoiser(cond, uncond, rec, len(sched) - 1, inpaint, model)
+        noise = start_noise if noise is None and get_sampler(rec.sampler).same_noise else noise
         x = self.sample(rec.sampler, denoise, x, sched, rng, noise, callback, inpaint)
         return self.output(x, output_type, seeds)
 

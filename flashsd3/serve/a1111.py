@@ -25,7 +25,7 @@ from .uploads import a1111_mask, from_base64, open_image, rgb
 
 STATUS = 422
 # A1111 sampler names -> flashsd3 samplers (ours are accepted as they are too)
-SAMPLER_NAMES = {"Flash": "flash", "Euler": "euler", "DPM++ 2M": "dpmpp_2m"}
+SAMPLER_NAMES = {"Flash": "flash", "Flash (initial noise)": "flash_initial", "Euler": "euler", "DPM++ 2M": "dpmpp_2m"}
 USED = {
     "prompt": Field("str"), "negative_prompt": Field("str"), "seed": Field("int", -1), "steps": Field("int", 1),
     "cfg_scale": Field("float"), "sampler_name": Field("str"), "sampler_index": Field("str"),

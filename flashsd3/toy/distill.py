@@ -22,7 +22,7 @@ import torch
 
 from .. import rng
 from ..lora import add_lora, lora_disabled, lora_parameters
-from ..sampling import flash_sigmas, flow_match_sigmas, sample_flash
+from ..sampling import flash_sigmas, flow_match_sigmas, get_sampler
 from ..sampling.flow_match import euler_step, loop_timesteps
 from ..training.flash import (
     FlashBatch,
@@ -140,17 +140,18 @@ def _batch(run: ToyFlashRun, text, bank: Bank | None, gen: torch.Generator) -> F
 
 @torch.no_grad()
 def flash_samples(model, text, labels: torch.Tensor, noise: torch.Tensor, steps: int, shift: float = 3.0,
-                  renoise_seed: int = 4242, batch: int = 250) -> torch.Tensor:
-    """The Flash sampler (no guidance) for (N, 3) labels from (N, C, H, W) noise; the re-noise of step i is
-    drawn for all N at once from renoise_seed + i, so every row sees the same draws for the same sample."""
+                  renoise_seed: int = 4242, batch: int = 250, sampler: str = "flash") -> torch.Tensor:
+    """A Flash sampler of the table (no guidance) for (N, 3) labels from (N, C, H, W) noise. `flash`: the
+    re-noise of step i is drawn for all N at once from renoise_seed + i, so every row sees the same draws for
+    the same sample; `flash_initial` re-noises with each sample's own starting noise."""
+    run = get_sampler(sampler)
     renoise = [torch.randn(noise.shape, generator=rng.offset_generator(renoise_seed, i))
-               for i in range(steps - 1)]
+               for i in range(steps - 1)] if run.stochastic else None
     out = []
     for s in range(0, len(labels), batch):
-        cond = text(labels[s:s + batch])
-        rn = [r[s:s + batch] for r in renoise]
-        out.append(sample_flash(lambda x, t, c=cond: model(x, t, *c), noise[s:s + batch], flash_sigmas(steps, shift),
-                                noise=rn))
+        cond, x = text(labels[s:s + batch]), noise[s:s + batch]
+        rn = x if run.same_noise else [r[s:s + batch] for r in renoise]
+        out.append(run.run(lambda x, t, c=cond: model(x, t, *c), x, flash_sigmas(steps, shift), rn, None))
     return torch.cat(out)
 
 

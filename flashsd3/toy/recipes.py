@@ -4,9 +4,11 @@ fd_ref, paired_l2 and mean_chroma, and the issue's bounds for the distill rows a
 
 `flash-sd3` runs as the toy's faithful student (`distill.ToyFlashRun`, the bank option as configured); `distill`
 is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, on the recipe's own start points
-(noised data, live teacher solves), never a bank. The toy's named options over a preset, `OPTIONS` (rows of their own,
-e.g. `distill-chain_seed0_4step`): `distill-chain` = distill with every start on the student's own sampler chain
-(--chain-starts 1), `distill-mix` = half of the batches so (--chain-starts 0.5), `distill-mix25` a quarter.
+(its sampler chains, live teacher solves), never a bank, for `BATCHES` times the toy's batches. The toy's named
+options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4step`), each at the toy's batches:
+`distill-data` = the distill preset on noised-data starts (--chain-starts 0, the preset before chains),
+`distill-chain` = chain starts re-noised with fresh noise (--renoise fresh), `distill-mix` = half of the batches
+so (--chain-starts 0.5), `distill-mix25` a quarter. Every row samples with its run's sampler (FlashRecipe.sampler).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .. import rng
 from ..training.config import flag
 from ..training.flash.cost import CallCounter
 from ..training.flash.recipe import PRESETS
-from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, make_bank
+from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, make_bank, with_steps
 from .evaluate import parse_row_key
 from .model import load_teacher
 
@@ -26,8 +28,14 @@ DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "tea
                   "fd_data": ("max", 0.3, "teacher_4_cfg")}
 ONE_STEP_FD_REF = 30.0
 # toy rows of a preset with options (training.flash.FlashRecipe fields): name -> (preset, fields)
-OPTIONS = {"distill-chain": ("distill", {"chain_starts": 1.0}), "distill-mix": ("distill", {"chain_starts": 0.5}),
-           "distill-mix25": ("distill", {"chain_starts": 0.25})}
+OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh"}),
+           "distill-chain": ("distill", {"chain_starts": 1.0, "renoise": "fresh"}),
+           "distill-mix": ("distill", {"chain_starts": 0.5, "renoise": "fresh"}),
+           "distill-mix25": ("distill", {"chain_starts": 0.25, "renoise": "fresh"}),
+           "distill-half": ("distill", {"chain_starts": 0.5})}
+# batches of a row's run in units of the toy's (--distil-steps, default 400): distill's run costs 0.45x the
+# released recipe's compute per sample (bench/flash_cost.py), so twice the batches stay under its total
+BATCHES = {"distill": 2, "distill-half": 2}
 NAMES = (*PRESETS, *OPTIONS)
 
 
@@ -46,7 +54,8 @@ def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
     if name == "flash-sd3":
         return replace(base, seed=seed)
     preset, fields = OPTIONS.get(name, (name, {}))
-    return replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **PRESETS[preset], **fields))
+    run = replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **{**PRESETS[preset], **fields}))
+    return with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
 
 
 def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):
@@ -83,7 +92,8 @@ def recipe_rows(teacher_path, evaluator, base: ToyFlashRun, *, recipes, seeds, s
                 model, text, _, walls, calls = train_recipe(teacher_path, run, probe, log=log)
                 runs[tag] = {**walls, "calls_per_sample": calls, "batches": run.steps, "batch": run.batch}
             for n in steps:
-                imgs = flash_samples(model, text, es.labels, es.noise, n, run.flash.shift)
+                imgs = flash_samples(model, text, es.labels, es.noise, n, run.flash.shift,
+                                     sampler=run.flash.sampler)
                 key, rows[key] = evaluator.recipe_row(imgs, recipe=name, seed=seed, steps=n)
                 if n == max(steps):
                     images[key] = imgs
@@ -113,6 +123,14 @@ def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
     return out
 
 
+def options_text() -> str:
+    """The OPTIONS as `name` = their flags over their preset (and their batches where not the toy's)."""
+    def shown(name, fields):
+        batches = f", {BATCHES[name]}x batches" if name in BATCHES else ""
+        return f"`{name}` = {' '.join(f'{flag(k)} {v}' for k, v in fields.items())}{batches}"
+    return "; ".join(shown(n, f) for n, (_, f) in OPTIONS.items())
+
+
 def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
     """The recipe rows, the distill bounds and each run's wall time and model calls, as a RESULTS.md section."""
     keys = ["teacher_cfg_ref", "teacher_4_cfg", *(k for k in rows if parse_row_key(k))]
@@ -135,15 +153,19 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
         cost.append(f"| {tag} | {r.get('bank_s', 0):.0f} | {r['distil_s']:.0f} | {c['teacher']['forward']:.2f} | "
                     f"{c['student']['forward']:.2f} / {c['student']['backward']:.2f} | "
                     f"{c['features']['forward']:.2f} / {c['features']['backward']:.2f} |")
+    distill_run_steps = recipe_run(base, "distill", 0).steps
     distill_run = recipe_run(base, "distill", 0).flash
     return f"""## Named recipes (`--recipe`): rows `<recipe>_seed<S>_<N>step`
 - `flash-sd3`: the faithful student of the section above (its settings), per student seed (the seed of the
   adapters' init, the head, the batches and the bank). `distill`: `{preset_flags('distill')}` over the same sizes:
-  the distillation term only, no discriminator pass, noised-data starts with live teacher CFG solves (w per
-  batch, U{list(distill_run.guidance)}), target solved on the {distill_run.target_steps}-step grid below sigma_k;
-  modes at grid indices {distill_run.mode_indices()}.
+  the distillation term only, no discriminator pass; every start on the student's own {distill_run.sampler_steps}-step
+  sampler chain from z, re-noised with z itself (`--renoise {distill_run.renoise}`), pulled towards the teacher's
+  live CFG solve from z (w per batch, U{list(distill_run.guidance)}) on the {distill_run.target_steps}-step grid;
+  chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({BATCHES['distill']}x the
+  toy's, at 0.45x the compute per sample: `bench/flash_cost.py`); sampled with `{distill_run.sampler}`. Options (rows
+  of their own, the toy's batches unless said): {options_text()}.
 - Student seeds: {sorted({int(t.rsplit('seed', 1)[1]) for t in runs})}, one teacher; the same 2000-sample
-  evaluation set and Flash re-noise draws as every row above. `mean_chroma`: mean over pixels of
+  evaluation set (and, for the `flash` sampler, re-noise draws) as every row above. `mean_chroma`: mean over pixels of
   max(R,G,B) - min(R,G,B) in [-1, 1] units (saturation; see flashsd3/toy/evaluate.py).
 
 {chr(10).join(table)}

@@ -16,15 +16,19 @@ sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`; the named o
 
     flash-sd3  the released recipe (the defaults)
     distill    the distillation term only (no DMD, no GAN: neither is computed, nor the discriminator step), on
-               the recipe's noised-data starts with the mixture modes at the Flash sampler's own sigmas and the
-               recipe's phase weights, the teacher's target solved on an 8-step grid below sigma_k. Why: the
-               DMD term compares the teacher's CFG velocity with the student's own (conditional) one, and the
-               teacher's CFG output is no fixed point of it, so DMD students stay as saturated as few-step CFG;
-               the distillation term alone reproduces the many-step teacher (results/toy/FLASH_DIAGNOSIS.md).
+               chain starts: z, then the student's own Flash sampler steps from z up to the drawn mode (no grad),
+               re-noising with z itself (--renoise initial), pulled towards the teacher's CFG solve from z on an
+               8-step grid; the modes at the Flash sampler's sigmas with the recipe's phase weights. Sample its
+               adapters with the `flash_initial` sampler (4 steps) or 1 Flash step. Why: the DMD term compares
+               the teacher's CFG velocity with the student's own (conditional) one, and the teacher's CFG output is
+               no fixed point of it, so DMD students stay as saturated as few-step CFG; the distillation term alone
+               reproduces the many-step teacher; and a sampler that re-noises with fresh noise hides which
+               teacher sample a chain should end on, so an L2 student learns an average of them, while re-noising
+               with z keeps it a function of the point (results/toy/FLASH_DIAGNOSIS.md).
 
-Option --chain-starts p (not the recipe, either preset): with probability p per batch the student starts on its
-own Flash sampler chain from pure noise z and is pulled towards the teacher's CFG solve from z, the sample that
-chain should end on (step.chain_start).
+Options over either preset: --chain-starts p (p = 1 in distill; 0: the recipe's noised-data starts, data noised
+at sigma_k pulled towards the teacher's solve from there) and --renoise fresh | initial (the sampler the chains
+are rolled with, and that the student is trained for).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from ..config import flag, opt
 from ..objectives import training_sigma_table
 
 CHOICES = {"mixture_modes": ("recipe", "sampler"), "distill_loss": ("l2", "lpips"), "disc_input": ("output", "blocks"),
-           "d_pass": ("fresh", "reuse")}
+           "d_pass": ("fresh", "reuse"), "renoise": ("fresh", "initial")}
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class FlashRecipe:
 
     recipe: str = opt("flash-sd3", "named recipe whose values are the defaults of every other recipe setting "
                                    "(explicit flags and config keys override them): flash-sd3 (the released "
-                                   "one) or distill (distillation term only; see flashsd3/training/flash/recipe.py)",
+                                   "one) or distill (distillation term only, on the student's own sampler chains; "
+                                   "see flashsd3/training/flash/recipe.py)",
                       choices=("flash-sd3", "distill"))
     teacher_steps: int = opt(32, "K: steps of the teacher's Euler grid ([Y] L14 K: [32, 32, 32, 32])")
     target_steps: int = opt(0, "solve the teacher's target on the points of this many-step grid (same shift) "
@@ -70,10 +75,13 @@ class FlashRecipe:
                              choices=CHOICES["mixture_modes"])
     sampler_steps: int = opt(4, "Flash sampler steps whose sigmas place the modes (--mixture-modes sampler) and "
                                 "whose chain --chain-starts rolls")
-    chain_starts: float = opt(0.0, "probability per batch of a chain start (an option, not the recipe): pure noise z, "
-                                   "the student's own Flash sampler steps from z (no grad, fresh re-noise) up to the "
-                                   "sampler step of the drawn mode, pulled towards the teacher's CFG solve from z; "
-                                   "else the recipe's noised-data start (0: always, the recipe)")
+    chain_starts: float = opt(0.0, "probability per batch of a chain start (distill: 1; not the released recipe): "
+                                   "pure noise z, the student's own Flash sampler steps from z (no grad, re-noise "
+                                   "as --renoise says) up to the sampler step of the drawn mode, pulled towards the "
+                                   "teacher's CFG solve from z; else the recipe's noised-data start (0: always)")
+    renoise: str = opt("fresh", "re-noise of the Flash sampler the student is trained for, in the chain starts: fresh "
+                                "noise per step (the released sampler, `flash`) or the chain's initial noise z "
+                                "(distill; sample with the `flash_initial` sampler)", choices=CHOICES["renoise"])
     # -> sigma 0.0294, 0.5, 0.75, 0.9 on the 1000-entry training grid ([M] L523-535)
     adv_positions: tuple[int, ...] = opt((-10, -250, -500, -750), "adversarial noise levels: positions in the "
                                                                   "1000-entry training sigma table")
@@ -152,6 +160,11 @@ class FlashRecipe:
         coarse = flow_match_sigmas(self.target_steps, self.shift)
         return torch.cat([grid[k].view(1), coarse[coarse < grid[k] - 1e-6]])
 
+    @property
+    def sampler(self) -> str:
+        """The sampler (flashsd3.sampling.SAMPLERS) the student is trained for: flash, or flash_initial."""
+        return {"fresh": "flash", "initial": "flash_initial"}[self.renoise]
+
     def uses_discriminator(self) -> bool:
         """Whether any phase weighs the adversarial term (else no discriminator step is computed at all)."""
         return any(w > 0 for w in self.lambda_adv)
@@ -186,7 +199,8 @@ ZERO_WEIGHTS = (0.0, 0.0, 0.0, 0.0)
 # The named recipes' values (each a complete FlashRecipe below); a preset is the base that explicit settings override.
 PRESETS: dict[str, dict] = {
     "flash-sd3": {},
-    "distill": {"lambda_adv": ZERO_WEIGHTS, "lambda_dmd": ZERO_WEIGHTS, "mixture_modes": "sampler", "target_steps": 8},
+    "distill": {"lambda_adv": ZERO_WEIGHTS, "lambda_dmd": ZERO_WEIGHTS, "mixture_modes": "sampler", "target_steps": 8,
+                "chain_starts": 1.0, "renoise": "initial"},
 }
 RECIPES: dict[str, FlashRecipe] = {name: FlashRecipe(recipe=name, **values) for name, values in PRESETS.items()}
 

@@ -125,7 +125,8 @@ def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     with torch.no_grad():
         for i in range(j):
             v = models.student(x, (sigmas[i] * NUM_TRAIN_TIMESTEPS).expand(len(x)).to(x.device), *batch.cond)
-            x = sampler_step(x, v, sigmas[i], sigmas[i + 1], rng.randn(streams, x.shape[1:]).to(x.device, x.dtype))
+            e = z if recipe.renoise == "initial" else rng.randn(streams, x.shape[1:]).to(x.device, x.dtype)
+            x = sampler_step(x, v, sigmas[i], sigmas[i + 1], e)
     target = recipe.target_sigmas(0)
     return Start(recipe.mode_indices()[j], w, x,
                  lambda: teacher_target(models.teacher, z, target, batch.cond, batch.uncond, w), sigma=sigmas[j])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ... import rng
-from ...sampling import cfg_denoiser, flash_sigmas, flow_match_sigmas, sample_euler, sample_flash
+from ...sampling import cfg_denoiser, flash_sigmas, flow_match_sigmas, get_sampler, sample_euler, sample_flash
 from ..config import TrainConfig, opt
 from ..loop import Batch
 from ..trainable import save_trained, set_trainable
@@ -116,10 +116,15 @@ class FlashTask:
         def student(x, t):
             return model(x, t, context, pooled)
 
-        cols = [sample_flash(student, noise, flash_sigmas(s, shift), noise=renoise) for s in SAMPLE_STEPS]
+        same = get_sampler(self.recipe.sampler).same_noise  # the student's own sampler (--renoise)
+        cols = [sample_flash(student, noise, flash_sigmas(s, shift), noise=(lambda i, x: noise) if same else renoise)
+                for s in SAMPLE_STEPS]
         teacher = cfg_denoiser(self.models.teacher, (context, pooled), self._negative(n), self.cfg.sample_guidance)
         cols.append(sample_euler(teacher, noise, flow_match_sigmas(self.cfg.sample_steps, shift)))
         return torch.stack(cols, 1).flatten(0, 1)
 
     def save_final(self, out: Path) -> None:
-        save_trained(self.cfg, self.module.transformer, out)
+        saved = save_trained(self.cfg, self.module.transformer, out)
+        if self.recipe.sampler != "flash":  # the student expects its own sampler, not the released one
+            print(f"{saved}: sample it with --sampler {self.recipe.sampler} (4 steps) or --steps 1 (--renoise "
+                  f"{self.recipe.renoise})", flush=True)
