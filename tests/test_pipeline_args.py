@@ -32,7 +32,7 @@ def pipe():
     ({"seed": 1, "generator": torch.Generator()}, "seed or generator"),
     ({"guidance": float("nan")}, "guidance must be a finite number, got nan"),
     ({"num_steps": 0}, "num_steps must be a positive int"),
-    ({"sampler": "ddim"}, "sampler must be one of flash, euler, dpmpp_2m"),
+    ({"sampler": "ddim"}, "sampler must be one of flash, flash_initial, euler, dpmpp_2m"),
     ({"recipe": "sd4"}, "recipe must be a Recipe or one of"),
     ({"guidance": 7.0, "skip_guidance_layers": [2]}, r"skip_guidance_layers \[2\] beyond the model's 2 joint blocks"),
     ({"skip_layer_guidance_scale": 3.0}, "skip_layer_guidance_scale need skip_guidance_layers"),

@@ -49,7 +49,7 @@ def test_override():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"sampler": "dpm"}, "sampler must be one of flash, euler, dpmpp_2m"),
+    ({"sampler": "dpm"}, "sampler must be one of flash, flash_initial, euler, dpmpp_2m"),
     ({"steps": 0}, "num_steps must be a positive int"),
     ({"steps": 2.0}, "num_steps must be a positive int"),
     ({"guidance": float("nan")}, "guidance must be a finite number"),
