@@ -199,7 +199,8 @@ class FlashSD3Pipeline:
         `negative_prompt` (default ""). seed: image k draws all its noise from a CPU generator seeded
         seed + k (or seed[k]), reproducible across devices and batch compositions; `generator` instead
         draws for the whole batch at once. latents: the initial noise; noise: the sampler's re-noise
-        draws (`flash_initial`: one tensor, by default the initial noise itself). `prompt_embeds` = (context, pooled) replaces the text encoders.
+        draws (`flash_initial`: one tensor, by default the initial noise itself). `prompt_embeds` = (context,
+        pooled) replaces the text encoders.
         control_image: one per ControlNet in `self.controlnets` (a list for several), each with its scale and its
         start/stop fractions of the steps (diffusers' names); control_mask: the inpainting ControlNet's mask
         (default `mask`). Without height/width a txt2img output has the control image's size.
