@@ -116,8 +116,9 @@ def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
                    rnd: StepRandom) -> Start:
     """z = the noise the recipe's start would draw; the student (adapters on, no grad) runs the Flash sampler
     from z over its sigmas s_0 = 1 > ... > s_j, j = recipe.chain_step(k), re-noising with per-sample streams keyed
-    CHAIN; the target is the teacher's CFG solve from z over recipe.target_sigmas(0). So a student that meets it
-    at every step ends its chain on the teacher's sample from z; at j = 0 this is the recipe's start at k = 0."""
+    CHAIN (--renoise fresh) or with z itself (--renoise initial, the flash_initial sampler); the target is the
+    teacher's CFG solve from z over recipe.target_sigmas(0). So a student that meets it at every step ends its
+    chain on the teacher's sample from z; at j = 0 this is the recipe's start at k = 0."""
     z, j = rnd.randn(batch.x0), recipe.chain_step(k)
     sigmas = flash_sigmas(recipe.sampler_steps, recipe.shift)[: j + 1]
     streams = rng.sample_generators(rnd.seed, rnd.step, rnd.pass_, CHAIN, ids=rnd.ids)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ... import rng
-from ...sampling import cfg_denoiser, flash_sigmas, flow_match_sigmas, get_sampler, sample_euler, sample_flash
+from ...sampling import cfg_denoiser, flash_sigmas, flow_match_sigmas, get_sampler, sample_euler
 from ..config import TrainConfig, opt
 from ..loop import Batch
 from ..trainable import save_trained, set_trainable
@@ -106,8 +106,9 @@ class FlashTask:
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per prompt: the student at 1, 2 and 4 Flash steps (no guidance), then the teacher (sample_steps Euler
-        steps, CFG sample_guidance against the negative); (4n, C, h, w), one row of 4 per prompt."""
+        """Per prompt: the student at 1, 2 and 4 steps of its own Flash sampler (no guidance), then the teacher
+        (sample_steps Euler steps, CFG sample_guidance against the negative); (4n, C, h, w), one row of 4 per
+        prompt."""
         model, n, shift = self.module.transformer, noise.shape[0], self.recipe.shift
 
         def renoise(i, x):  # re-noise of step i, the same for every grid
@@ -116,8 +117,8 @@ class FlashTask:
         def student(x, t):
             return model(x, t, context, pooled)
 
-        same = get_sampler(self.recipe.sampler).same_noise  # the student's own sampler (--renoise)
-        cols = [sample_flash(student, noise, flash_sigmas(s, shift), noise=(lambda i, x: noise) if same else renoise)
+        own = get_sampler(self.recipe.sampler)  # the sampler the student is trained for (--renoise)
+        cols = [own.run(student, noise, flash_sigmas(s, shift), noise if own.same_noise else renoise, None)
                 for s in SAMPLE_STEPS]
         teacher = cfg_denoiser(self.models.teacher, (context, pooled), self._negative(n), self.cfg.sample_guidance)
         cols.append(sample_euler(teacher, noise, flow_match_sigmas(self.cfg.sample_steps, shift)))
