@@ -48,7 +48,8 @@ class Refs:
              "--demo", "--out", "inpaint"],
             ["--prompt", "oil painting", "--image", "in.png", "--strength", 0.5, "--seed", 5, "--dtype", "fp32",
              "--demo", "--out", "img2img"],
-            ["--prompt", "load", "--seed", SEED, "--num-images", CLIENTS, *SIZE, "--out", "load"]], root)
+            ["--prompt", "load", "--seed", SEED, "--num-images", CLIENTS, *SIZE, "--out", "load"],
+            ["--prompt", "a red fox", "--seed", 7, "--sampler", "flash_initial", *SIZE, "--out", "initial"]], root)
         self.done = False
 
     def file(self, folder: str, name: str) -> bytes:
@@ -140,6 +141,17 @@ def test_a1111_txt2img_shape_seeds_and_ignored_fields(server):
                              "ignored (not an A1111 field): my_plugin_field"]
     assert [png_text(base64.b64decode(im))["seed"] for im in r["images"]] == [str(seed), str(seed + 1)]
     assert info["infotexts"][1].startswith("a boat\nNegative prompt: \nSteps: 4, Sampler: Flash")
+
+
+def test_a1111_flash_initial_sampler_gives_flashsd3_sample_pixels(server, refs):
+    body = {"prompt": "a red fox", "seed": 7, "width": 64, "height": 64, "sampler_name": "Flash (initial noise)"}
+    status, _, r = server.post("/sdapi/v1/txt2img", body)
+    assert status == 200, r
+    assert json.loads(r["info"])["sampler_name"] == "Flash (initial noise)"
+    png = base64.b64decode(r["images"][0])
+    assert (pixels(png) == pixels(refs.file("initial", "00000-7-a-red-fox.png"))).all()
+    flash = server.post("/sdapi/v1/txt2img", {**body, "sampler_name": "Flash"})[2]
+    assert not (pixels(base64.b64decode(flash["images"][0])) == pixels(png)).all()  # another sampler, another image
 
 
 def test_a1111_img2img_with_mask_invert_and_strength(server, refs):
