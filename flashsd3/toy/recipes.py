@@ -153,8 +153,8 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
         cost.append(f"| {tag} | {r.get('bank_s', 0):.0f} | {r['distil_s']:.0f} | {c['teacher']['forward']:.2f} | "
                     f"{c['student']['forward']:.2f} / {c['student']['backward']:.2f} | "
                     f"{c['features']['forward']:.2f} / {c['features']['backward']:.2f} |")
-    distill_run_steps = recipe_run(base, "distill", 0).steps
-    distill_run = recipe_run(base, "distill", 0).flash
+    whole = recipe_run(base, "distill", 0)
+    distill_run_steps, distill_run = whole.steps, whole.flash
     return f"""## Named recipes (`--recipe`): rows `<recipe>_seed<S>_<N>step`
 - `flash-sd3`: the faithful student of the section above (its settings), per student seed (the seed of the
   adapters' init, the head, the batches and the bank). `distill`: `{preset_flags('distill')}` over the same sizes:
