@@ -222,6 +222,8 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
         assert run.steps == 400 * BATCHES.get(name, 1)
     data = recipe_run(base, "distill-data", 0)
     assert (data.flash.chain_starts, data.flash.sampler, data.steps) == (0.0, "flash", 400)
+    # distill's rate decays over its last phase (the 4th quarter of its 800 batches); the options keep theirs
+    assert d.lr_decay_steps == 200 and data.lr_decay_steps == 0 == recipe_run(base, "distill-half", 0).lr_decay_steps
     assert set(NAMES) == {*RECIPES, *OPTIONS}
     with pytest.raises(ValueError, match="unknown recipe 'dmd'"):
         recipe_run(base, "dmd", 0)

@@ -21,7 +21,9 @@ from helpers_training import checkpoint_state, env, metrics, run_here, run_torch
 STEPS = 6
 # 8 examples, global batch 4: two batches per epoch, so 6 steps cross epochs; lr 1e-3 moves the weights visibly
 RUN = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--lora-rank", "4", "--checkpoint-every", "1",
-       "--keep-checkpoints", "0", "--sample-every", "0"]
+       "--keep-checkpoints", "0", "--sample-every", "0", "--warmup-steps", "2", "--lr-decay-steps", "3"]
+# the learning rate of steps 1..6 under RUN's schedule (training.loop.lr_schedule), written out
+LRS = [0.5e-3, 1e-3, 1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3]
 SLOW_GRIDS = ["--sample-every", "1", "--sample-steps", "60"]  # ~1 s per step here: time to deliver a signal
 
 
@@ -48,6 +50,22 @@ def reference(cache, tmp_path_factory):
     proc = run_here(flow(cache, out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+def test_lr_schedule_written_out():
+    """training.loop.lr_schedule on hand-made cases: constant; decay alone ends at 1 / decay; warm-up and decay
+    overlapping take the smaller."""
+    from flashsd3.training.loop import lr_schedule
+
+    assert [lr_schedule(s, 4) for s in range(4)] == [1.0] * 4
+    assert [lr_schedule(s, 5, decay=2) for s in range(5)] == [1.0, 1.0, 1.0, 1.0, 0.5]
+    assert [lr_schedule(s, 4, warmup=4, decay=4) for s in range(4)] == [0.25, 0.5, 0.5, 0.25]
+
+
+def test_learning_rate_follows_the_schedule(reference):
+    """metrics.jsonl logs the rate each step was taken with: warm-up, constant, then the decay over the last 3."""
+    logged = [m["lr"] for m in metrics(reference)]
+    assert len(logged) == STEPS and all(abs(a - b) <= 1e-18 for a, b in zip(logged, LRS, strict=True)), logged
 
 
 def test_two_ranks_equal_one(cache, reference, tmp_path):
@@ -116,13 +134,18 @@ def test_output_folder_and_resume_rules(cache, reference, tmp_path, capsys):
     base = ["flow", "--cache", cache, "--out", reference, *RUN]
     assert "holds a finished run (6 steps): --resume" in main(*base)
     assert "cannot change --lr" in main(*base[:-len(RUN)], "--resume", "--lr", "0.5")
+    # the decay is placed by --steps: a resume of a decaying run cannot move it
+    assert "decays over the last 3 of its 6 steps (--lr-decay-steps), so --steps cannot change" in \
+        main(*base[:-len(RUN)], "--resume", "--steps", "8")
+    assert "--lr-decay-steps 7 must be <= --steps 6" in main("flow", "--cache", cache, "--out", tmp_path / "d",
+                                                             *RUN, "--lr-decay-steps", "7")
     assert "nothing to resume" in main("flow", "--cache", cache, "--out", tmp_path / "new", "--resume")
     assert "8 examples, fewer than one batch of 16" in main("flow", "--cache", cache, "--out", tmp_path / "b",
                                                              "--batch-size", "16")
     (tmp_path / "c.toml").write_text('steps = 2\nlearning_rate = 1.0\n')
     assert "unknown setting 'learning_rate' in" in main("flow", "--cache", cache, "--out", tmp_path / "c",
                                                          "--config", tmp_path / "c.toml")
-    assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / n).exists() for n in ("b", "c", "d"))
 
 
 def test_saved_adapter_loads_for_sampling(reference, tmp_path):

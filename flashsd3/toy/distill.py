@@ -35,7 +35,7 @@ from ..training.flash import (
     mmdit_flash_models,
 )
 from ..training.flash.cost import CallCounter
-from ..training.loop import OptimizerStep
+from ..training.loop import OptimizerStep, lr_schedule
 from .data import make_batch, random_labels, render
 from .evaluate import paired_l2
 from .model import load_teacher
@@ -56,6 +56,7 @@ class ToyFlashRun:
     steps: int = 600  # batches (TOY_FLASH's phases: 4 quarters of 600; `with_steps` keeps them quarters)
     batch: int = 32
     lr: float = 1e-3  # AdamW, adapters and head (SD3 recipe: 1e-5; a 600-step toy run needs larger steps)
+    lr_decay_steps: int = 0  # linear decay to 0 over the last N batches (training.loop.lr_schedule; 0: constant)
     weight_decay: float = 0.01  # torch's AdamW default, as the recipe
     rank: int = 32  # LoRA on every linear of the toy MMDiT (width 128); scale alpha / rank = 1
     alpha: float = 32.0
@@ -178,6 +179,8 @@ def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_
                                   weight_decay=run.weight_decay)
     update, history, t0 = OptimizerStep(optimizer, clip=0.0), [], time.perf_counter()
     for step in range(run.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr * lr_schedule(step, run.steps, decay=run.lr_decay_steps)
         batch = _batch(run, text, bank, gen)
         logs = flash_step(models, run.flash, batch, step, run.seed, update)
         logs = {"step": step, "g_total": logs.pop("loss"), **logs}

@@ -36,6 +36,9 @@ OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh"}
 # batches of a row's run in units of the toy's (--distil-steps, default 400): distill's run costs 0.45x the
 # released recipe's compute per sample (bench/flash_cost.py), so twice the batches stay under its total
 BATCHES = {"distill": 2, "distill-half": 2}
+# rows whose learning rate decays linearly to 0 over their run's last phase (--lr-decay-steps): the final iterate
+# settles instead of carrying a full-size step's noise (measured: RESULTS.md); the others keep a constant rate
+DECAY_LAST_PHASE = ("distill",)
 NAMES = (*PRESETS, *OPTIONS)
 
 
@@ -55,7 +58,8 @@ def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
         return replace(base, seed=seed)
     preset, fields = OPTIONS.get(name, (name, {}))
     run = replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **{**PRESETS[preset], **fields}))
-    return with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
+    run = with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
+    return replace(run, lr_decay_steps=run.steps - sum(run.flash.phase_batches)) if name in DECAY_LAST_PHASE else run
 
 
 def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..rules import check_seed
 
-# Settings a resumed run may change: they do not alter the trajectory, only how long it runs and what it writes.
+# Settings a resumed run may change: they do not alter the trajectory, only how long it runs and what it writes
+# (`steps` only without --lr-decay-steps, whose decay is placed by it).
 # `out` is where the run is now (a run folder may be moved); `cache` is compared as a resolved path.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "device")
 
@@ -44,6 +45,8 @@ class TrainConfig:
     batch_size: int = opt(4, "global batch (all ranks together); must divide by the number of ranks")
     lr: float = opt(1e-4, "AdamW learning rate")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    lr_decay_steps: int = opt(0, "linear learning-rate decay to 0 over the last N steps (0: constant to the end; "
+                                 "the toy's distill runs decay over their last quarter)")
     weight_decay: float = opt(1e-4, "AdamW weight decay (diffusers' SD3 LoRA script default)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     seed: int = opt(0, "data order, noise, sigmas, caption dropout and adapter initialisation (0 .. 2**64 - 1)")
@@ -71,11 +74,13 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValueError(f"{flag(name)} is required (or '{name}' in the config file)")
         positive = ("steps", "batch_size", "lora_rank", "checkpoint_every", "sample_steps")
-        nonneg = ("warmup_steps", "keep_checkpoints", "sample_every", "grad_clip", "lr", "weight_decay", "lora_alpha",
-                  "sample_guidance")
+        nonneg = ("warmup_steps", "lr_decay_steps", "keep_checkpoints", "sample_every", "grad_clip", "lr",
+                  "weight_decay", "lora_alpha", "sample_guidance")
         bad = [f"{flag(n)} must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
         bad += [f"{flag(n)} must be finite and >= 0, got {getattr(self, n)}" for n in nonneg
                 if not 0 <= getattr(self, n) < math.inf]
+        if self.lr_decay_steps > self.steps:
+            bad.append(f"--lr-decay-steps {self.lr_decay_steps} must be <= --steps {self.steps}")
         for name in ("seed", "sample_seed"):
             try:
                 check_seed(getattr(self, name), 1, flag(name))
@@ -236,6 +241,11 @@ def resumed_config(cls, saved: dict[str, Any], changes: dict[str, Any], out: Pat
     if changed:
         raise ValueError(f"--resume continues the run saved in {out}: it cannot change {', '.join(map(flag, changed))} "
                          f"(only {', '.join(map(flag, RESUMABLE_CHANGES))}); start a new run in another --out")
+    new_steps = convert(known["steps"], changes["steps"], "--steps") if "steps" in changes else base.steps
+    if base.lr_decay_steps and new_steps != base.steps:
+        raise ValueError(f"--resume continues the run saved in {out}: its learning rate decays over the last "
+                         f"{base.lr_decay_steps} of its {base.steps} steps (--lr-decay-steps), so --steps cannot "
+                         "change; start a new run in another --out")
     kept = {k: v for k, v in flat(base).items() if k != "command"}
     return make_config(cls, (kept, None), ({k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}, None))
 

@@ -108,8 +108,19 @@ class OptimizerStep:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of the learning rate at `step`: linear warm-up, then constant (an LR schedule goes here)."""
-    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    """Multiplier of the learning rate at `step` (0-based) of cfg's run: see `lr_schedule`."""
+    return lr_schedule(step, cfg.steps, cfg.warmup_steps, cfg.lr_decay_steps)
+
+
+def lr_schedule(step: int, steps: int, warmup: int = 0, decay: int = 0) -> float:
+    """Warm-up, constant, then decay ("WSD"): the multiplier of the update at 0-based `step` of `steps` is
+    (step + 1) / warmup during the first `warmup`, (steps - step) / decay during the last `decay` (1 down to
+    1 / decay: the final update still moves), 1 between; the smaller of the two where they overlap. The decay
+    lets the last iterate settle instead of ending on a full-size step's noise (measured on the toy's distill
+    runs: RESULTS.md)."""
+    up = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    down = min(1.0, (steps - step) / decay) if decay else 1.0
+    return min(up, down)
 
 
 def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
