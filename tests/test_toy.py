@@ -197,6 +197,16 @@ def test_toy_script_smoke(tmp_path):
     calls = runs["distill_seed0"]["calls_per_sample"]  # no discriminator: the features are never called
     assert "features" not in calls and calls["student"]["backward"] == 1.0
     assert "| `distill_seed0_4step` |" in (tmp_path / "RESULTS.md").read_text()
+    # scripts/toy_cfg_frontier.py on the same folder: its row at the reference's scale is the reference row
+    spec = importlib.util.spec_from_file_location("toy_cfg_frontier", ROOT / "scripts" / "toy_cfg_frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert frontier.main(["--run", str(tmp_path), "--num-samples", "48", "--guidance", "3,1"]) == 0
+    rows = [line.split("|")[1:-1] for line in out.getvalue().splitlines() if line.startswith("| 3 |")]
+    ref = results["teacher_cfg_ref"]
+    assert len(rows) == 1 and float(rows[0][2]) == round(ref["fd_data"], 1) and float(rows[0][3]) == 0.0, rows
 
 
 def test_toy_recipe_runs_apply_preset_options_and_batches():
