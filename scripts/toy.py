@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-distil", action="store_true", help="skip Flash distillation (teacher rows only)")
     p.add_argument("--distil-steps", type=int, help="override the distillation batches (4 phases)")
     p.add_argument("--distil-batch", type=int, help="override the distillation batch size")
+    p.add_argument("--lr-decay", action="store_true", help="every distillation run's learning rate decays linearly "
+                                                           "to 0 over its last phase (the distill rows always do; "
+                                                           "an option for the others)")
     p.add_argument("--bank", type=int, help="distil from a bank of N precomputed teacher trajectories (an option, "
                                             "not the recipe; 0 = the recipe: noised data and live teacher solves)")
     p.add_argument("--modes", choices=("recipe", "sampler"), help="start-index mixture modes: the recipe's, or at "
@@ -314,6 +317,8 @@ def distil_recipe(args) -> distill.ToyFlashRun:
         run = distill.with_steps(run, args.distil_steps)
     if args.modes is not None:
         run = replace(run, flash=replace(run.flash, mixture_modes=args.modes))
+    if args.lr_decay:
+        run = replace(run, lr_decay=True)
     overrides = {"batch": args.distil_batch, "bank": args.bank, "seed": args.seed}
     return replace(run, **{k: v for k, v in overrides.items() if v is not None})
 

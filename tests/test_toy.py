@@ -214,7 +214,7 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     batches (phases the 4 quarters); each option = the preset with its fields, at the toy's batches."""
     from dataclasses import replace
 
-    from flashsd3.toy.distill import ToyFlashRun
+    from flashsd3.toy.distill import ToyFlashRun, last_phase
     from flashsd3.toy.recipes import BATCHES, NAMES, OPTIONS, recipe_run
     from flashsd3.training.flash import RECIPES
 
@@ -233,7 +233,8 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     data = recipe_run(base, "distill-data", 0)
     assert (data.flash.chain_starts, data.flash.sampler, data.steps) == (0.0, "flash", 400)
     # distill's rate decays over its last phase (the 4th quarter of its 800 batches); the options keep theirs
-    assert d.lr_decay_steps == 200 and data.lr_decay_steps == 0 == recipe_run(base, "distill-half", 0).lr_decay_steps
+    assert d.lr_decay and last_phase(d) == 200
+    assert not data.lr_decay and not recipe_run(base, "distill-half", 0).lr_decay
     assert set(NAMES) == {*RECIPES, *OPTIONS}
     with pytest.raises(ValueError, match="unknown recipe 'dmd'"):
         recipe_run(base, "dmd", 0)

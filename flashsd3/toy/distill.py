@@ -56,7 +56,7 @@ class ToyFlashRun:
     steps: int = 600  # batches (TOY_FLASH's phases: 4 quarters of 600; `with_steps` keeps them quarters)
     batch: int = 32
     lr: float = 1e-3  # AdamW, adapters and head (SD3 recipe: 1e-5; a 600-step toy run needs larger steps)
-    lr_decay_steps: int = 0  # linear decay to 0 over the last N batches (training.loop.lr_schedule; 0: constant)
+    lr_decay: bool = False  # the rate decays linearly to 0 over the last phase (training.loop.lr_schedule)
     weight_decay: float = 0.01  # torch's AdamW default, as the recipe
     rank: int = 32  # LoRA on every linear of the toy MMDiT (width 128); scale alpha / rank = 1
     alpha: float = 32.0
@@ -71,6 +71,11 @@ def with_steps(run: ToyFlashRun, steps: int) -> ToyFlashRun:
     """`run` for `steps` batches, its phases the 4 equal quarters of them."""
     q = steps // 4
     return replace(run, steps=steps, flash=replace(run.flash, phase_batches=(q, q, q)))
+
+
+def last_phase(run: ToyFlashRun) -> int:
+    """Batches of the run's last phase (it runs on after the others)."""
+    return run.steps - sum(run.flash.phase_batches)
 
 
 def variants(base: ToyFlashRun, mid_blocks: tuple[int, ...] = (1, 2)) -> dict[str, ToyFlashRun]:
@@ -180,7 +185,7 @@ def distil(teacher_path, run: ToyFlashRun, *, probe_labels: torch.Tensor, probe_
     update, history, t0 = OptimizerStep(optimizer, clip=0.0), [], time.perf_counter()
     for step in range(run.steps):
         for group in optimizer.param_groups:
-            group["lr"] = run.lr * lr_schedule(step, run.steps, decay=run.lr_decay_steps)
+            group["lr"] = run.lr * lr_schedule(step, run.steps, decay=last_phase(run) if run.lr_decay else 0)
         batch = _batch(run, text, bank, gen)
         logs = flash_step(models, run.flash, batch, step, run.seed, update)
         logs = {"step": step, "g_total": logs.pop("loss"), **logs}
@@ -303,14 +308,15 @@ def flash_markdown(rows: dict, recipe: ToyFlashRun, walls: dict, plots: list[str
              "lie on teacher trajectories, targets are their ends)" if recipe.bank else
              "data noised at sigma_k, target solved live by the teacher (the recipe)")
     wall = ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+    lr_text = "decaying linearly to 0 over the last phase" if recipe.lr_decay else "constant"
     return f"""## Flash distillation (student rows)
 - Method: `flashsd3.training.flash` (the released SD3 recipe's phases, mixture, losses and 1:1 G/D AdamW
   updates), in pixel space with L2 distillation; student = the teacher + LoRA on every linear (rank
   {recipe.rank}, alpha {recipe.alpha}); teacher = the same module with the adapters off.
-- Settings: {recipe.steps} batches of {recipe.batch} (4 phases of {recipe.steps // 4}), AdamW lr {recipe.lr},
-  weight decay {recipe.weight_decay}; K = {recipe.flash.teacher_steps} (shift {recipe.flash.shift}); guidance
-  w ~ U{list(recipe.flash.guidance)} against the learnt empty prompt; start points: {start}; discriminator step
-  (`d_pass={recipe.flash.d_pass}`); head width {recipe.flash.disc_width}.
+- Settings: {recipe.steps} batches of {recipe.batch} (4 phases of {recipe.steps // 4}), AdamW lr {recipe.lr}
+  ({lr_text}), weight decay {recipe.weight_decay}; K = {recipe.flash.teacher_steps} (shift
+  {recipe.flash.shift}); guidance w ~ U{list(recipe.flash.guidance)} against the learnt empty prompt; start
+  points: {start}; discriminator step (`d_pass={recipe.flash.d_pass}`); head width {recipe.flash.disc_width}.
 - Rows: `student_init` is the Flash sampler (4 steps, no CFG) on the untrained student (= the teacher);
   `student_N` the distilled student with the Flash sampler at N steps; ablation `student_4_no_adv_dmd`
   (lambda_adv = lambda_dmd = 0); `student_4_mid_features` (the discriminator reads teacher blocks' image tokens).

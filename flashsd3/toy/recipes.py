@@ -19,7 +19,7 @@ from .. import rng
 from ..training.config import flag
 from ..training.flash.cost import CallCounter
 from ..training.flash.recipe import PRESETS
-from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, make_bank, with_steps
+from .distill import BANK_SEED, ToyFlashRun, distil, flash_samples, last_phase, make_bank, with_steps
 from .evaluate import parse_row_key
 from .model import load_teacher
 
@@ -59,7 +59,7 @@ def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
     preset, fields = OPTIONS.get(name, (name, {}))
     run = replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **{**PRESETS[preset], **fields}))
     run = with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
-    return replace(run, lr_decay_steps=run.steps - sum(run.flash.phase_batches)) if name in DECAY_LAST_PHASE else run
+    return replace(run, lr_decay=True) if name in DECAY_LAST_PHASE else run
 
 
 def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):
@@ -166,7 +166,9 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
   sampler chain from z, re-noised with z itself (`--renoise {distill_run.renoise}`), pulled towards the teacher's
   live CFG solve from z (w per batch, U{list(distill_run.guidance)}) on the {distill_run.target_steps}-step grid;
   chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({BATCHES['distill']}x the
-  toy's, at 0.45x the compute per sample: `bench/flash_cost.py`); sampled with `{distill_run.sampler}`. Options (rows
+  toy's, at 0.45x the compute per sample: `bench/flash_cost.py`), the learning rate decaying linearly to 0 over
+  the last phase ({last_phase(whole)} batches; the other rows: as the section above says); sampled with
+  `{distill_run.sampler}`. Options (rows
   of their own, the toy's batches unless said): {options_text()}.
 - Student seeds: {sorted({int(t.rsplit('seed', 1)[1]) for t in runs})}, one teacher; the same 2000-sample
   evaluation set (and, for the `flash` sampler, re-noise draws) as every row above. `mean_chroma`: mean over pixels of
