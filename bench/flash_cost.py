@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Compute per training sample of the named Flash recipes (training.flash.RECIPES), from the code's own calls.
 
-    python bench/flash_cost.py            # flash-sd3 vs distill: per phase and the mean over the 4 phases
+    python bench/flash_cost.py            # flash-sd3 vs distill: per phase and the mean over the 4 phases,
+                                          # per row and per trained (start point, target) pair
     python bench/flash_cost.py --json     # also one JSON line with every number
 
 Runs the real iteration (`flash_step`, its generator and discriminator updates) on the tiny MMDiT with LoRA
@@ -76,7 +77,8 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
 
 # the recipes counted: the named ones (distill: every start on the student's chain), and distill on the noised-data
 # starts (--chain-starts 0, the preset before chains; --chain-starts p costs (1 - p) x that + p x distill, per phase)
-COUNTED = {**RECIPES, "distill --chain-starts 0": named_recipe("distill", chain_starts=0.0)}
+COUNTED = {**RECIPES, "distill --chain-starts 0": named_recipe("distill", chain_starts=0.0),
+           "distill --chain-steps all": named_recipe("distill", chain_steps="all")}
 
 
 def fixed_start(k: int):
@@ -109,13 +111,16 @@ def one_batch(recipe: FlashRecipe, step: int, k: int, batch: int = 2) -> dict[st
 
 def phase_counts(recipe: FlashRecipe, phase: int, cache: dict) -> dict[str, tuple[float, float]]:
     """E over k ~ pi_phase of the per-sample counts (exact: every k of the grid, weighted by its probability).
-    `cache` keeps the counts per (terms switched on, k): phases weighing the same terms share them."""
+    `cache` keeps the counts per (terms switched on, k): phases weighing the same terms share them. (--chain-steps
+    all draws no k: its counts are the same at every k and the sum weighs them by 1.)"""
     step = sum(recipe.phase_batches[:phase])
     on = (recipe.lambda_dmd[phase] > 0, recipe.lambda_adv[phase] > 0)
     probs = mixture_probs(recipe, phase)
     out = {n: [0.0, 0.0] for n in NAMES}
     for k in range(recipe.teacher_steps):
-        key = (recipe.recipe, recipe.chain_starts, on, k)
+        # --chain-steps all: the steps it trains (a backward each) are those the phase's modes weigh
+        trained = tuple(w > 0 for w in recipe.mode_weights[phase]) if recipe.chain_steps == "all" else ()
+        key = (recipe.recipe, recipe.chain_starts, recipe.chain_steps, trained, on, k)
         if key not in cache:
             cache[key] = one_batch(recipe, step, k)
         for n in NAMES:
@@ -161,6 +166,14 @@ def main() -> None:
         last = rows[-1]["flops"] / base[-1]["flops"]
         print(f"  {name}: {mean / fl['forward']:.2f} forward-equivalents, {mean / 1e12:.1f} TFLOPs; "
               f"ratio to flash-sd3 {ratio:.3f} (phase 3: {last:.3f})")
+    # --chain-steps all trains several (start point, target) pairs per row: one per student backward
+    print("\nPer trained (start point, target) pair = per student backward (1 per row for the drawn starts):")
+    base_pair = sum(r["flops"] / r["counts"]["student"][1] for r in base) / len(base)
+    for name, rows in table.items():
+        pairs = [r["counts"]["student"][1] for r in rows]
+        mean = sum(r["flops"] / n for r, n in zip(rows, pairs, strict=True)) / len(rows)
+        print(f"  {name}: {', '.join(f'{n:.2f}' for n in pairs)} pairs per row by phase; "
+              f"{mean / fl['forward']:.2f} forward-equivalents per pair, ratio to flash-sd3 {mean / base_pair:.3f}")
     if args.json:
         print(json.dumps({"flops_per_row": fl, "recipes": table}))
 

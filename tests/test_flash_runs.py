@@ -1,8 +1,8 @@
 """`flashsd3-train flash` end to end on the demo model: 2-rank torchrun against 1 process, a resumed run against
 an uninterrupted one, the saved adapter, the sample grid. torchrun with OMP_NUM_THREADS=1 and the one-process
 runs in this process (one thread), as test_training_runs.py; a short recipe (K = 4 teacher steps, one batch per
-phase) so every loss is exercised; both named recipes (--recipe flash-sd3, distill) and distill with the chain-start
-option on half of the batches (--chain-starts 0.5)."""
+phase) so every loss is exercised; both named recipes (--recipe flash-sd3, distill), distill with the chain-start
+option on half of the batches (--chain-starts 0.5) and with every chain step per batch (--chain-steps all)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -34,7 +34,8 @@ def cache(demo_cache):
 
 
 RECIPE_ARGS = {"flash-sd3": ["--recipe", "flash-sd3"], "distill": ["--recipe", "distill"],
-               "distill-chain": ["--recipe", "distill", "--chain-starts", "0.5"]}
+               "distill-chain": ["--recipe", "distill", "--chain-starts", "0.5"],
+               "distill-all": ["--recipe", "distill", "--chain-steps", "all"]}
 
 
 @pytest.fixture(scope="module", params=list(RECIPE_ARGS))
@@ -56,8 +57,9 @@ def test_reference_run_outputs(reference, recipe):
     logs = metrics(reference)
     assert [m["phase"] for m in logs] == [0, 1, 2, 3]
     config = json.loads((reference / "config.json").read_text())
-    chain = {"flash-sd3": 0.0, "distill": 1.0, "distill-chain": 0.5}[recipe]  # distill's preset: every batch
-    assert (config["recipe"], config["chain_starts"]) == (recipe.removesuffix("-chain"), chain)
+    chain = {"flash-sd3": 0.0, "distill": 1.0, "distill-chain": 0.5, "distill-all": 1.0}[recipe]  # distill's: 1
+    assert (config["recipe"], config["chain_starts"]) == (recipe.removesuffix("-chain").removesuffix("-all"), chain)
+    assert config["chain_steps"] == ("all" if recipe == "distill-all" else "drawn")
     assert config["renoise"] == ("fresh" if recipe == "flash-sd3" else "initial")
     names = state(reference)
     assert any(k.startswith("head.") for k in names) and any(".lora" in k or "lora_" in k for k in names)

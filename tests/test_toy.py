@@ -235,6 +235,8 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     # distill's rate decays over its last phase (the 4th quarter of its 800 batches); the options keep theirs
     assert d.lr_decay and last_phase(d) == 200
     assert not data.lr_decay and not recipe_run(base, "distill-half", 0).lr_decay
+    every = recipe_run(base, "distill-all", 0)  # every chain step per row: a quarter of the rows per batch
+    assert (every.flash.chain_steps, every.batch, every.steps, every.lr_decay) == ("all", 8, 800, True)
     assert set(NAMES) == {*RECIPES, *OPTIONS}
     with pytest.raises(ValueError, match="unknown recipe 'dmd'"):
         recipe_run(base, "dmd", 0)

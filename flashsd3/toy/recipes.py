@@ -8,7 +8,8 @@ is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, o
 options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4step`), each at the toy's batches:
 `distill-data` = the distill preset on noised-data starts (--chain-starts 0, the preset before chains),
 `distill-chain` = chain starts re-noised with fresh noise (--renoise fresh), `distill-mix` = half of the batches
-so (--chain-starts 0.5), `distill-mix25` a quarter. Every row samples with its run's sampler (FlashRecipe.sampler).
+so (--chain-starts 0.5), `distill-mix25` a quarter, `distill-all` = every chain step against one teacher solve
+(--chain-steps all) on 8-row batches. Every row samples with its run's sampler (FlashRecipe.sampler).
 """
 from __future__ import annotations
 
@@ -32,13 +33,17 @@ OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh"}
            "distill-chain": ("distill", {"chain_starts": 1.0, "renoise": "fresh"}),
            "distill-mix": ("distill", {"chain_starts": 0.5, "renoise": "fresh"}),
            "distill-mix25": ("distill", {"chain_starts": 0.25, "renoise": "fresh"}),
-           "distill-half": ("distill", {"chain_starts": 0.5})}
+           "distill-half": ("distill", {"chain_starts": 0.5}),
+           "distill-all": ("distill", {"chain_steps": "all"})}
 # batches of a row's run in units of the toy's (--distil-steps, default 400): distill's run costs 0.45x the
 # released recipe's compute per sample (bench/flash_cost.py), so twice the batches stay under its total
-BATCHES = {"distill": 2, "distill-half": 2}
+BATCHES = {"distill": 2, "distill-half": 2, "distill-all": 2}
+# rows per batch where not the toy's: distill-all trains up to 4 chain steps per row, so a quarter of the rows
+# give a batch as many trained (start point, target) pairs as distill's
+BATCH_ROWS = {"distill-all": 8}
 # rows whose learning rate decays linearly to 0 over their run's last phase (--lr-decay-steps): the final iterate
 # settles instead of carrying a full-size step's noise (measured: RESULTS.md); the others keep a constant rate
-DECAY_LAST_PHASE = ("distill",)
+DECAY_LAST_PHASE = ("distill", "distill-all")
 NAMES = (*PRESETS, *OPTIONS)
 
 
@@ -59,6 +64,7 @@ def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
     preset, fields = OPTIONS.get(name, (name, {}))
     run = replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **{**PRESETS[preset], **fields}))
     run = with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
+    run = replace(run, batch=BATCH_ROWS[name]) if name in BATCH_ROWS else run
     return replace(run, lr_decay=True) if name in DECAY_LAST_PHASE else run
 
 
@@ -131,6 +137,8 @@ def options_text() -> str:
     """The OPTIONS as `name` = their flags over their preset (and their batches where not the toy's)."""
     def shown(name, fields):
         batches = f", {BATCHES[name]}x batches" if name in BATCHES else ""
+        batches += f" of {BATCH_ROWS[name]} rows" if name in BATCH_ROWS else ""
+        batches += ", the rate decaying over the last phase" if name in DECAY_LAST_PHASE else ""
         return f"`{name}` = {' '.join(f'{flag(k)} {v}' for k, v in fields.items())}{batches}"
     return "; ".join(shown(n, f) for n, (_, f) in OPTIONS.items())
 

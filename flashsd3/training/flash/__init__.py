@@ -32,6 +32,7 @@ from .step import (
     FlashModels,
     Start,
     StepRandom,
+    chain_all_loss,
     chain_start,
     chain_start_at,
     discriminator_loss,
@@ -46,7 +47,8 @@ from .step import (
 )
 
 __all__ = ["RECIPES", "DiscriminatorHead", "FlashBatch", "FlashModels", "FlashRecipe", "LpipsDistill", "Start",
-           "StepRandom", "chain_start", "chain_start_at", "disc_head_downsamples", "discriminator_loss",
+           "StepRandom", "chain_all_loss", "chain_start", "chain_start_at", "disc_head_downsamples",
+           "discriminator_loss",
            "distill_l2", "dmd_loss", "dmd_velocities", "draw_guidance", "draw_start_index", "expected_teacher_steps",
            "flash_step", "generator_loss", "lsgan_discriminator_loss", "lsgan_generator_loss", "make_head",
            "mixture_probs", "mmdit_flash_models", "named_recipe", "noised_data_start", "noised_data_start_at",

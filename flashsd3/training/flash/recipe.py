@@ -42,7 +42,7 @@ from ..config import flag, opt
 from ..objectives import training_sigma_table
 
 CHOICES = {"mixture_modes": ("recipe", "sampler"), "distill_loss": ("l2", "lpips"), "disc_input": ("output", "blocks"),
-           "d_pass": ("fresh", "reuse"), "renoise": ("fresh", "initial")}
+           "d_pass": ("fresh", "reuse"), "renoise": ("fresh", "initial"), "chain_steps": ("drawn", "all")}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,11 @@ class FlashRecipe:
     renoise: str = opt("fresh", "re-noise of the Flash sampler the student is trained for, in the chain starts: fresh "
                                 "noise per step (the released sampler, `flash`) or the chain's initial noise z "
                                 "(distill; sample with the `flash_initial` sampler)", choices=CHOICES["renoise"])
+    chain_steps: str = opt("drawn", "chain starts: one sampler step per batch drawn from the mixture (drawn), or "
+                                    "every step of the chain against its one teacher solve, each weighted by the "
+                                    "probability the draw gives it (all: the drawn loss's expectation at a "
+                                    "quarter of the teacher calls per trained point; needs --chain-starts 1 and "
+                                    "no DMD or adversarial term)", choices=CHOICES["chain_steps"])
     # -> sigma 0.0294, 0.5, 0.75, 0.9 on the 1000-entry training grid ([M] L523-535)
     adv_positions: tuple[int, ...] = opt((-10, -250, -500, -750), "adversarial noise levels: positions in the "
                                                                   "1000-entry training sigma table")
@@ -128,6 +133,10 @@ class FlashRecipe:
                        f"weights per phase, got {len(self.mode_weights[0])}")
         if not 0 <= self.chain_starts <= 1:
             bad.append(f"--chain-starts is a probability in [0, 1], got {self.chain_starts}")
+        if self.chain_steps == "all" and (self.chain_starts != 1 or any(self.lambda_dmd) or any(self.lambda_adv)):
+            bad.append("--chain-steps all trains every chain step against one teacher solve: it needs --chain-starts 1 "
+                       f"and --lambda-dmd / --lambda-adv 0 in every phase, got --chain-starts {self.chain_starts}, "
+                       f"--lambda-dmd {self.lambda_dmd}, --lambda-adv {self.lambda_adv}")
         if not 0 < self.guidance_min <= self.guidance_max < math.inf:
             bad.append(f"--guidance-min {self.guidance_min} and --guidance-max {self.guidance_max} must be finite "
                        "with 0 < min <= max")
@@ -177,6 +186,15 @@ class FlashRecipe:
             return tuple(m * (self.teacher_steps // n) for m in range(n))
         grid = self.grid()[:-1]
         return tuple(int((grid - s).abs().argmin()) for s in flash_sigmas(self.sampler_steps, self.shift)[:-1])
+
+    def chain_step_weights(self, phase: int) -> tuple[float, ...]:
+        """Per sampler step j, the probability that a chain start of `phase` lands on step j: the mixture's mass
+        on the grid indices whose nearest mode is j (chain_step). --chain-steps all weighs step j's loss by it."""
+        probs = mixture_probs(self, phase)
+        out = [0.0] * len(self.mode_indices())
+        for k, p in enumerate(probs.tolist()):
+            out[self.chain_step(k)] += p
+        return tuple(out)
 
     def chain_step(self, k: int) -> int:
         """The Flash sampler step j of start index k for a chain start: the mode nearest k (mode j <-> step j;

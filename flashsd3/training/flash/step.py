@@ -133,6 +133,31 @@ def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
                  lambda: teacher_target(models.teacher, z, target, batch.cond, batch.uncond, w), sigma=sigmas[j])
 
 
+def chain_all_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int,
+                   rnd: StepRandom) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """--chain-steps all: z and w drawn as a chain start draws them, the teacher's CFG solve y from z once, then
+    the student's Flash sampler chain from z over every sampler step j (re-noise as chain_start_at), its x0 at
+    each step regressed onto y, weighted by recipe.chain_step_weights(phase): the expectation of the drawn chain
+    start's loss over its step. Steps whose mode weighs 0 in the phase (probability < 1e-30) only advance the
+    chain, without gradient. Returns (loss, the last step's x0, w)."""
+    w = draw_guidance(recipe, rnd.batch)
+    z = rnd.randn(batch.x0)
+    y = teacher_target(models.teacher, z, recipe.target_sigmas(0), batch.cond, batch.uncond, w)
+    weights, trained = recipe.chain_step_weights(phase), recipe.mode_weights[phase]
+    sigmas = flash_sigmas(recipe.sampler_steps, recipe.shift)
+    streams = rng.sample_generators(rnd.seed, rnd.step, rnd.pass_, CHAIN, ids=rnd.ids)
+    x, loss = z, torch.zeros((), device=z.device)
+    for j in range(recipe.sampler_steps):
+        with torch.set_grad_enabled(trained[j] > 0):
+            x0_hat = student_x0(models.student, x, sigmas[j].expand(len(x)).clone(), batch.cond)
+        if trained[j] > 0:
+            loss = loss + weights[j] * models.distill(x0_hat, y)
+        if j + 1 < recipe.sampler_steps:
+            e = z if recipe.renoise == "initial" else rng.randn(streams, x.shape[1:]).to(x.device, x.dtype)
+            x = forward_process(x0_hat.detach().to(x.dtype), e, sigmas[j + 1].to(x.device))
+    return loss, x0_hat.detach(), w
+
+
 def recipe_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
     """The recipe's noised-data start, or with probability recipe.chain_starts (one coin per batch, its own
     stream keyed CHAIN) a chain start; chain_starts 0 (the recipe) draws no coin."""
@@ -219,6 +244,12 @@ def generator_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     """L_G = l_distill d(x0_hat, y) + l_dmd L_DMD + l_adv L_adv for batch `step` ([M] L236-354); returns
     (loss, Pass). Terms with weight 0 are skipped (the code computes and multiplies them by 0)."""
     phase, rnd = recipe.phase(step), StepRandom(seed, step, G_PASS, batch.ids)
+    if recipe.chain_steps == "all":  # no DMD, no GAN (FlashRecipe checks): the distillation term over the chain
+        loss, x0_last, w = chain_all_loss(models, recipe, batch, phase, rnd)
+        loss = recipe.lambda_distill[phase] * loss
+        out = Pass(x0_last, torch.zeros(len(x0_last)), torch.zeros_like(x0_last), recipe.mode_indices()[-1], w)
+        out.losses.update(distill=loss.detach() / max(recipe.lambda_distill[phase], 1e-12), g_total=loss.detach())
+        return loss, out
     start, x0_hat = _start(models, recipe, batch, rnd, grad=True)
     y = start.target()
     dmd_sigma = rnd.choice(training_sigma_table(recipe.shift))

@@ -1,0 +1,93 @@
+"""--chain-steps all (training/flash/step.chain_all_loss) on hand-made callables: one teacher solve from z, every
+sampler step of the student's chain regressed onto it, weighted by the probability the drawn chain start gives
+that step; the points and the target are the drawn chain start's (chain_start_at), bitwise; the calls it costs."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from flashsd3.training.flash import (
+    FlashModels,
+    StepRandom,
+    chain_all_loss,
+    chain_start_at,
+    distill_l2,
+    draw_guidance,
+    flash_step,
+    named_recipe,
+    student_x0,
+)
+from flashsd3.training.flash.cost import CallCounter
+from flashsd3.training.loop import OptimizerStep
+from test_flash_chain import SEED, Recorder, Velocity, _batch
+
+ALL = named_recipe("distill", chain_steps="all")
+
+
+def test_step_weights_are_the_mixture_mass_per_mode_written_out():
+    """Modes 0, 10, 21, 31 of a 32-grid, std 0.5: mode j's mass is w_j times its Gaussian summed over the grid
+    (half cut at both ends); the other modes' tails reach across 5+ indices, < 1e-20 of it."""
+    mus, grid = (0, 10, 21, 31), range(32)
+    assert ALL.mode_indices() == mus
+    for phase, w in enumerate(ALL.mode_weights):
+        mass = [w[j] * sum(math.exp(-((i - mu) ** 2) / (2 * 0.5**2)) for i in grid) for j, mu in enumerate(mus)]
+        got = ALL.chain_step_weights(phase)
+        assert math.isclose(sum(got), 1.0, rel_tol=1e-15)
+        for j in range(4):
+            if w[j] == 0:
+                assert got[j] < 1e-30, (phase, j, got)
+            else:
+                assert math.isclose(got[j], mass[j] / sum(mass), rel_tol=1e-12), (phase, j, got)
+
+
+@pytest.mark.parametrize("phase", [0, 3])
+@pytest.mark.parametrize("renoise", ["initial", "fresh"])
+def test_loss_is_the_weighted_sum_over_the_drawn_chain_starts(phase, renoise):
+    """Each step's point and target equal the drawn chain start at that step's mode (same z, same w) bitwise;
+    the loss is sum_j P_j L2(x0_j, y) over the steps whose mode the phase weighs, summed in step order."""
+    recipe, batch, step = replace(ALL, renoise=renoise), _batch(), 7
+    student, teacher = Recorder(), Recorder()
+    models = FlashModels(student=student, teacher=teacher, features=None, head=None)
+    loss, _, w = chain_all_loss(models, recipe, batch, phase, StepRandom(SEED, step, 0, batch.ids))
+    assert w == draw_guidance(recipe, StepRandom(SEED, step, 0, batch.ids).batch)
+    trained = [m > 0 for m in recipe.mode_weights[phase]]
+    assert [grad for t, _, grad in student.calls] == trained  # every step is called; grad where trained
+    weights, expected = recipe.chain_step_weights(phase), torch.zeros(())
+    for j, mode in enumerate(recipe.mode_indices()):
+        start = chain_start_at(FlashModels(student=Recorder(), teacher=Recorder(), features=None, head=None),
+                               recipe, batch, mode, w, StepRandom(SEED, step, 0, batch.ids))
+        assert torch.equal(student.calls[j][1], start.x_k), j  # the same chain point
+        if trained[j]:
+            x0 = student_x0(Recorder(), start.x_k, start.sigma.expand(len(start.x_k)).clone(), batch.cond)
+            expected = expected + weights[j] * distill_l2(x0, start.target())
+    assert torch.equal(loss, expected), (loss, expected)
+
+
+def test_refused_without_chain_starts_or_with_dmd_or_gan():
+    for changes in ({"chain_starts": 0.5}, {"lambda_dmd": (0.0, 0.3, 0.5, 0.7)}, {"lambda_adv": (0.0, 0.1, 0.3, 0.5)}):
+        with pytest.raises(ValueError, match="--chain-steps all trains every chain step against one teacher solve"):
+            named_recipe("distill", chain_steps="all", **changes)
+    with pytest.raises(ValueError, match="--chain-steps all"):
+        named_recipe("flash-sd3", chain_steps="all")
+    with pytest.raises(ValueError, match="--chain-steps must be one of drawn, all, got 'some'"):
+        named_recipe("distill", chain_steps="some")
+
+
+def test_an_iteration_costs_one_solve_and_every_step():
+    """Per row: the teacher's 8-step CFG solve (16 rows) once, 4 student forwards, a backward through each
+    trained step (phase 0 weighs 2 of the 4 modes, phase 3 all of them); the update moves the student."""
+    torch.manual_seed(0)
+    teacher, student = Velocity().requires_grad_(False), Velocity()
+    c = CallCounter()
+    models = FlashModels(student=c.wrap(student, "student"), teacher=c.wrap(teacher, "teacher"), features=None,
+                         head=None)
+    recipe = replace(ALL, phase_batches=(1, 1, 1))
+    update = OptimizerStep(torch.optim.AdamW(student.parameters()), clip=0.0)
+    batch, before = _batch(), [p.clone() for p in student.parameters()]
+    for step, backward in ((0, 2.0), (3, 4.0)):
+        c.reset()
+        logs = flash_step(models, recipe, batch, step, SEED, update)
+        assert c.per_sample(3) == {"student": (4.0, backward), "teacher": (16.0, 0.0)}, step
+        assert logs["phase"] == step and logs["k"] == 31 and "dmd" not in logs and "grad_norm_d" not in logs
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
