@@ -185,14 +185,20 @@ class Velocity(nn.Module):
         return self.conv(x) * (1 + t.view(-1, 1, 1, 1) / 1000) + c.view(-1, 1, 1, 1)
 
 
-def test_a_chain_iteration_costs_j_student_forwards_without_grad_and_the_full_solve():
+def counted_models():
+    """(models, counter, student module, update): a trainable student and a frozen teacher (Velocity, seed 0),
+    both wrapped by one CallCounter, and an AdamW step on the student."""
     torch.manual_seed(0)
     teacher, student = Velocity().requires_grad_(False), Velocity()
     c = CallCounter()
     models = FlashModels(student=c.wrap(student, "student"), teacher=c.wrap(teacher, "teacher"), features=None,
                          head=None)
+    return models, c, student, OptimizerStep(torch.optim.AdamW(student.parameters()), clip=0.0)
+
+
+def test_a_chain_iteration_costs_j_student_forwards_without_grad_and_the_full_solve():
+    models, c, _, update = counted_models()
     recipe = replace(CHAIN_RECIPE, phase_batches=(1, 1, 1))
-    update = OptimizerStep(torch.optim.AdamW(student.parameters()), clip=0.0)
     batch = _batch()
     for step in range(4):
         c.reset()

@@ -180,6 +180,18 @@ def test_resume_below_the_current_step_is_refused(run3, tmp_path, capsys, demo_c
     assert "--steps 2" in line and "step 3" in line, line
 
 
+def test_resume_moving_the_learning_rate_decay_is_refused(demo_cache, tmp_path, capsys):
+    """A run whose rate decays over its last steps cannot be extended (the decay is placed by --steps); a decay
+    longer than the run is refused before the folder exists. Nothing in either folder changes."""
+    out = tmp_path / "decay"
+    assert train("flow", demo_cache, out, "--steps", 2, "--lr-decay-steps", 1) == 0
+    capsys.readouterr()
+    line = refused(capsys, "flow", demo_cache, out, "--steps", 3, "--lr-decay-steps", 1, "--resume")
+    assert "--lr-decay-steps" in line and "--steps cannot change" in line, line
+    line = refused(capsys, "flow", demo_cache, tmp_path / "new", "--steps", 2, "--lr-decay-steps", 3)
+    assert "--lr-decay-steps 3 must be <= --steps 2" in line and not (tmp_path / "new").exists(), line
+
+
 def test_non_finite_training_stops_at_the_first_bad_step(demo_cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert train("flow", demo_cache, out, "--steps", 6, "--lr", "1e30") == 1
@@ -199,6 +211,8 @@ def test_non_finite_training_stops_at_the_first_bad_step(demo_cache, tmp_path, c
     (["--lambda-adv", "x,0,0,0"], "--lambda-adv"),
     (["--guidance-min", "5", "--guidance-max", "2"], "--guidance-min"),
     (["--teacher-steps", "-4"], "--teacher-steps"),
+    (["--recipe", "distill", "--chain-steps", "all", "--chain-starts", "0.5"], "--chain-steps all"),
+    (["--chain-steps", "all"], "--chain-steps all"),  # the released recipe: DMD and GAN on
 ])
 def test_flash_settings_name_their_flag(flags, words, demo_cache, tmp_path, capsys):
     line = refused(capsys, "flash", demo_cache, tmp_path / "x", "--steps", 1, *flags)

@@ -112,6 +112,12 @@ def chain_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, pha
     return chain_start_at(models, recipe, batch, k, w, rnd)
 
 
+def chain_noise(recipe: FlashRecipe, z: torch.Tensor, streams) -> torch.Tensor:
+    """The re-noise of one chain step: z itself (--renoise initial, the flash_initial sampler) or the next draw
+    of the per-sample streams keyed CHAIN (fresh, the released sampler)."""
+    return z if recipe.renoise == "initial" else rng.randn(streams, z.shape[1:]).to(z.device, z.dtype)
+
+
 def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, k: int, w: float,
                    rnd: StepRandom) -> Start:
     """z = the noise the recipe's start would draw; the student (adapters on, no grad) runs the Flash sampler
@@ -126,7 +132,7 @@ def chain_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     with torch.no_grad():
         for i in range(j):
             v = models.student(x, (sigmas[i] * NUM_TRAIN_TIMESTEPS).expand(len(x)).to(x.device), *batch.cond)
-            e = z if recipe.renoise == "initial" else rng.randn(streams, x.shape[1:]).to(x.device, x.dtype)
+            e = chain_noise(recipe, z, streams)
             x = sampler_step(x, v, sigmas[i], sigmas[i + 1], e)
     target = recipe.target_sigmas(0)
     return Start(recipe.mode_indices()[j], w, x,
@@ -138,7 +144,7 @@ def chain_all_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     """--chain-steps all: z and w drawn as a chain start draws them, the teacher's CFG solve y from z once, then
     the student's Flash sampler chain from z over every sampler step j (re-noise as chain_start_at), its x0 at
     each step regressed onto y, weighted by recipe.chain_step_weights(phase): the expectation of the drawn chain
-    start's loss over its step. Steps whose mode weighs 0 in the phase (probability < 1e-30) only advance the
+    start's loss over its step. Steps whose mode weighs 0 in the phase (probability < 1e-31) only advance the
     chain, without gradient. Returns (loss, the last step's x0, w)."""
     w = draw_guidance(recipe, rnd.batch)
     z = rnd.randn(batch.x0)
@@ -153,7 +159,7 @@ def chain_all_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
         if trained[j] > 0:
             loss = loss + weights[j] * models.distill(x0_hat, y)
         if j + 1 < recipe.sampler_steps:
-            e = z if recipe.renoise == "initial" else rng.randn(streams, x.shape[1:]).to(x.device, x.dtype)
+            e = chain_noise(recipe, z, streams)
             x = forward_process(x0_hat.detach().to(x.dtype), e, sigmas[j + 1].to(x.device))
     return loss, x0_hat.detach(), w
 
