@@ -75,7 +75,7 @@ def test_refused_without_chain_starts_or_with_dmd_or_gan():
 
 
 def test_an_iteration_costs_one_solve_and_every_step():
-    """Per row: the teacher's 8-step CFG solve (16 rows) once, 4 student forwards, a backward through each
+    """Per row: the teacher's 16-step CFG solve (32 rows) once, 4 student forwards, a backward through each
     trained step (phase 0 weighs 2 of the 4 modes, phase 3 all of them); the update moves the student."""
     models, c, student, update = counted_models()
     recipe = replace(ALL, phase_batches=(1, 1, 1))
@@ -83,6 +83,6 @@ def test_an_iteration_costs_one_solve_and_every_step():
     for step, backward in ((0, 2.0), (3, 4.0)):
         c.reset()
         logs = flash_step(models, recipe, batch, step, SEED, update)
-        assert c.per_sample(3) == {"student": (4.0, backward), "teacher": (16.0, 0.0)}, step
+        assert c.per_sample(3) == {"student": (4.0, backward), "teacher": (32.0, 0.0)}, step
         assert logs["phase"] == step and logs["k"] == 31 and "dmd" not in logs and "grad_norm_d" not in logs
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))

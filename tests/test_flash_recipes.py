@@ -30,7 +30,7 @@ def test_presets_fields():
     d = RECIPES["distill"]
     changed = {k for k in FlashRecipe.__dataclass_fields__ if getattr(d, k) != getattr(FlashRecipe(), k)}
     assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps", "chain_starts", "renoise"}
-    assert (d.lambda_adv, d.lambda_dmd, d.mixture_modes, d.target_steps) == (ZERO, ZERO, "sampler", 8)
+    assert (d.lambda_adv, d.lambda_dmd, d.mixture_modes, d.target_steps) == (ZERO, ZERO, "sampler", 16)
     assert (d.chain_starts, d.renoise, d.sampler) == (1.0, "initial", "flash_initial")
     assert d.lambda_distill == (1.0,) * 4 and d.mode_weights == FlashRecipe().mode_weights  # the recipe's phases
     assert not d.uses_discriminator() and FlashRecipe().uses_discriminator()
@@ -75,13 +75,16 @@ def test_start_indices_concentrate_at_the_modes():
 
 
 def test_target_sigmas_on_the_coarse_grid():
-    r, coarse = RECIPES["distill"], flow_match_sigmas(8, 3.0)
+    r, coarse = named_recipe("distill", target_steps=8), flow_match_sigmas(8, 3.0)
     grid = r.grid()
     torch.testing.assert_close(r.target_sigmas(10), torch.cat([grid[10:11], coarse[3:]]), rtol=0, atol=0)
     torch.testing.assert_close(r.target_sigmas(0), coarse, rtol=0, atol=0)  # sigma 1 is a point of both
     torch.testing.assert_close(r.target_sigmas(31), torch.tensor([grid[31].item(), 0.0]), rtol=0, atol=0)
     torch.testing.assert_close(FlashRecipe().target_sigmas(10), grid[10:], rtol=0, atol=0)  # the recipe: K-grid
     assert [len(r.target_sigmas(k)) - 1 for k in r.mode_indices()] == [8, 6, 4, 1]  # CFG calls per target
+    preset = RECIPES["distill"]  # the preset's 16-step grid
+    torch.testing.assert_close(preset.target_sigmas(0), flow_match_sigmas(16, 3.0), rtol=0, atol=0)
+    assert [len(preset.target_sigmas(k)) - 1 for k in preset.mode_indices()] == [16, 12, 6, 1]  # 0.8635, 0.8577, ...
 
 
 @pytest.mark.parametrize("name", ["flash-sd3", "distill"])
@@ -118,8 +121,8 @@ def test_recipe_setting_is_the_base_that_other_settings_override():
     base = {"cache": "c", "out": "o"}
     cfg = make_config(FlashConfig, (base, None))
     assert cfg.recipe == RECIPES["flash-sd3"]
-    cfg = make_config(FlashConfig, ({**base, "recipe": "distill"}, "run.toml"), ({"target_steps": 16}, None))
-    assert cfg.recipe == named_recipe("distill", target_steps=16)
+    cfg = make_config(FlashConfig, ({**base, "recipe": "distill"}, "run.toml"), ({"target_steps": 24}, None))
+    assert cfg.recipe == named_recipe("distill", target_steps=24)
     cfg = make_config(FlashConfig, ({**base, "lambda_dmd": [0, 0.1, 0.1, 0.1]}, None), ({"recipe": "distill"}, None))
     assert cfg.recipe == named_recipe("distill", lambda_dmd=(0.0, 0.1, 0.1, 0.1))  # the file's value stays
     saved = {k: v for k, v in flat(cfg).items() if k != "command"}  # config.json gives the same run back

@@ -235,6 +235,9 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     # distill's rate decays over its last phase (the 4th quarter of its 800 batches); the options keep theirs
     assert d.lr_decay and last_phase(d) == 200
     assert not data.lr_decay and not recipe_run(base, "distill-half", 0).lr_decay
+    # distill-t8: the distill row with the 8-step target grid, the preset's before 16 (the committed rows' runs)
+    assert recipe_run(base, "distill-t8", 1) == replace(d, flash=replace(d.flash, target_steps=8))
+    assert d.flash.target_steps == 16 and all(f["target_steps"] == 8 for _, f in OPTIONS.values())
     every = recipe_run(base, "distill-all", 0)  # every chain step per row: a quarter of the rows per batch
     assert (every.flash.chain_steps, every.batch, every.steps, every.lr_decay) == ("all", 8, 800, True)
     assert set(NAMES) == {*RECIPES, *OPTIONS}

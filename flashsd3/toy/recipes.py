@@ -9,7 +9,9 @@ options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4s
 `distill-data` = the distill preset on noised-data starts (--chain-starts 0, the preset before chains),
 `distill-chain` = chain starts re-noised with fresh noise (--renoise fresh), `distill-mix` = half of the batches
 so (--chain-starts 0.5), `distill-mix25` a quarter, `distill-all` = every chain step against one teacher solve
-(--chain-steps all) on 8-row batches. Every row samples with its run's sampler (FlashRecipe.sampler).
+(--chain-steps all) on 8-row batches, `distill-t8` = the distill row with the preset's earlier 8-step target
+grid (the options keep that grid: their committed rows were measured on it). Every row samples with its run's
+sampler (FlashRecipe.sampler).
 """
 from __future__ import annotations
 
@@ -29,21 +31,24 @@ DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "tea
                   "fd_data": ("max", 0.3, "teacher_4_cfg")}
 ONE_STEP_FD_REF = 30.0
 # toy rows of a preset with options (training.flash.FlashRecipe fields): name -> (preset, fields)
-OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh"}),
-           "distill-chain": ("distill", {"chain_starts": 1.0, "renoise": "fresh"}),
-           "distill-mix": ("distill", {"chain_starts": 0.5, "renoise": "fresh"}),
-           "distill-mix25": ("distill", {"chain_starts": 0.25, "renoise": "fresh"}),
-           "distill-half": ("distill", {"chain_starts": 0.5}),
-           "distill-all": ("distill", {"chain_steps": "all"})}
+# (each measured when the preset solved its targets on an 8-step grid: they keep it, so their commands give back
+# their committed rows; `distill-t8` is the distill row of that preset)
+OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh", "target_steps": 8}),
+           "distill-chain": ("distill", {"chain_starts": 1.0, "renoise": "fresh", "target_steps": 8}),
+           "distill-mix": ("distill", {"chain_starts": 0.5, "renoise": "fresh", "target_steps": 8}),
+           "distill-mix25": ("distill", {"chain_starts": 0.25, "renoise": "fresh", "target_steps": 8}),
+           "distill-half": ("distill", {"chain_starts": 0.5, "target_steps": 8}),
+           "distill-all": ("distill", {"chain_steps": "all", "target_steps": 8}),
+           "distill-t8": ("distill", {"target_steps": 8})}
 # batches of a row's run in units of the toy's (--distil-steps, default 400): distill's run costs 0.45x the
 # released recipe's compute per sample (bench/flash_cost.py), so twice the batches stay under its total
-BATCHES = {"distill": 2, "distill-half": 2, "distill-all": 2}
+BATCHES = {"distill": 2, "distill-half": 2, "distill-all": 2, "distill-t8": 2}
 # rows per batch where not the toy's: distill-all trains up to 4 chain steps per row, so a quarter of the rows
 # give a batch as many trained (start point, target) pairs as distill's
 BATCH_ROWS = {"distill-all": 8}
 # rows whose learning rate decays linearly to 0 over their run's last phase (--lr-decay-steps): the final iterate
 # settles instead of carrying a full-size step's noise (measured: RESULTS.md); the others keep a constant rate
-DECAY_LAST_PHASE = ("distill", "distill-all")
+DECAY_LAST_PHASE = ("distill", "distill-all", "distill-t8")
 NAMES = (*PRESETS, *OPTIONS)
 
 
@@ -174,7 +179,7 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
   sampler chain from z, re-noised with z itself (`--renoise {distill_run.renoise}`), pulled towards the teacher's
   live CFG solve from z (w per batch, U{list(distill_run.guidance)}) on the {distill_run.target_steps}-step grid;
   chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({BATCHES['distill']}x the
-  toy's, at 0.45x the compute per sample: `bench/flash_cost.py`), the learning rate decaying linearly to 0 over
+  toy's; compute per sample: `bench/flash_cost.py`), the learning rate decaying linearly to 0 over
   the last phase ({last_phase(whole)} batches; the other rows: as the section above says); sampled with
   `{distill_run.sampler}`. Options (rows
   of their own, the toy's batches unless said): {options_text()}.
