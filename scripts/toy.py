@@ -89,9 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                   "the 4-step sampler's sigmas (an option)")
     p.add_argument("--recipes", default="flash-sd3,distill", help="named Flash recipes to run per student seed "
                                                                    "(comma-separated; default flash-sd3,distill; "
-                                                                   "also the options distill-data, distill-chain, "
-                                                                   "distill-mix, distill-mix25, distill-half, "
-                                                                   "distill-all)")
+                                                                   f"also the options {', '.join(recipes.OPTIONS)})")
     p.add_argument("--student-seeds", help="student seeds of the recipe rows (comma-separated; default 0,1, "
                                            "--quick 0)")
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,

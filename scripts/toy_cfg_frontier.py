@@ -4,6 +4,7 @@ scale, fd_ref 0). A student that reproduced the teacher at scale w exactly would
 say which (fd_ref, fd_data) pairs a faithful student can reach at all.
 
     python scripts/toy_cfg_frontier.py --run results/toy/quick_seed2 --num-samples 1000 --guidance 1.5,2,2.5,3,4
+    python scripts/toy_cfg_frontier.py --run T0 --steps 8 --guidance 3   # a distill target grid's own error
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def main(argv=None) -> int:
                                                                  "--quick 1000)")
     p.add_argument("--guidance", default="1.5,2,2.5,3,4", help="comma-separated CFG scales to score")
     p.add_argument("--reference", type=float, default=3.0, help="CFG scale of the reference (scripts/toy.py: 3)")
-    p.add_argument("--steps", type=int, default=32, help="Euler steps of every row (the reference's: 32)")
+    p.add_argument("--steps", type=int, default=32, help="Euler steps of every row (the reference's: 32; fewer: "
+                                                         "how far a distill target grid's CFG solve itself is)")
+    p.add_argument("--reference-steps", type=int, default=32, help="Euler steps of the reference (scripts/toy.py: 32)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for name in ("teacher.safetensors", "classifier.safetensors"):
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
     model, text = load_teacher(args.run / "teacher.safetensors")
     evaluator = ToyEvaluator(load_classifier(args.run / "classifier.safetensors"), make_eval_set(args.num_samples))
     es = evaluator.eval_set
-    evaluator.set_reference(generate(model, text, es.labels, es.noise, steps=args.steps, guidance=args.reference))
+    evaluator.set_reference(generate(model, text, es.labels, es.noise, steps=args.reference_steps,
+                                     guidance=args.reference))
     print(f"| CFG scale ({args.steps} steps) | adherence | fd_data | fd_ref | mean_chroma |")
     print("|---:|---:|---:|---:|---:|")
     t0 = time.perf_counter()
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
         row = evaluator.score(imgs)
         print(f"| {g:g} | {100 * row['adherence']:.2f}% | {row['fd_data']:.1f} | {row['fd_ref']:.1f} | "
               f"{row['mean_chroma']:.4f} |", flush=True)
-    print(f"({time.perf_counter() - t0:.0f} s, {args.num_samples} samples, reference CFG {args.reference:g})")
+    print(f"({time.perf_counter() - t0:.0f} s, {args.num_samples} samples, reference CFG {args.reference:g}, "
+          f"{args.reference_steps} steps)")
     return 0
 
 
