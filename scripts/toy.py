@@ -1,7 +1,7 @@
 """The toy world on a CPU: train a tiny MMDiT teacher from scratch, score its samplers, distil a Flash student.
 
     python scripts/toy.py --seed 0 --out runs/toy0            # the reference run (~15-40 min on 2 cores)
-    python scripts/toy.py --seed 1 --out runs/quick --quick   # quick teacher, both recipes, student 0 (~10 min)
+    python scripts/toy.py --seed 1 --out runs/quick --quick   # quick teacher, both recipes, student 0 (~14 min)
     python scripts/toy.py --teacher runs/toy0/teacher.safetensors --out runs/eval   # re-score a trained teacher
     python scripts/toy.py --seed 0 --out runs/toy0 --no-distil                # teacher rows only
 
