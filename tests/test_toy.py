@@ -239,9 +239,11 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     assert recipe_run(base, "distill-t8", 1) == replace(d, flash=replace(d.flash, target_steps=8))
     assert d.flash.target_steps == 16
     for name in OPTIONS:  # the options measured on the 8-step grid keep it; the guidance ones are the preset's
-        assert recipe_run(base, name, 0).flash.target_steps == (16 if name.startswith("distill-w") else 8), name
+        on_preset_grid = name.startswith("distill-w") or name == "distill-all16"
+        assert recipe_run(base, name, 0).flash.target_steps == (16 if on_preset_grid else 8), name
     every = recipe_run(base, "distill-all", 0)  # every chain step per row: a quarter of the rows per batch
     assert (every.flash.chain_steps, every.batch, every.steps, every.lr_decay) == ("all", 8, 800, True)
+    assert recipe_run(base, "distill-all16", 0) == replace(every, flash=replace(every.flash, target_steps=16))
     assert set(NAMES) == {*RECIPES, *OPTIONS}
     with pytest.raises(ValueError, match="unknown recipe 'dmd'"):
         recipe_run(base, "dmd", 0)
