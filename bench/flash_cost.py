@@ -79,7 +79,8 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
 # 8-step target grid the toy's options were measured on (the preset's before it moved to 16): distill, distill on
 # the noised-data starts (--chain-starts 0, the preset before chains; --chain-starts p costs (1 - p) x that + p x
 # the chains, per phase) and --chain-steps all
-COUNTED = {**RECIPES, "distill --target-steps 8": named_recipe("distill", target_steps=8),
+COUNTED = {**RECIPES, "distill --chain-steps all": named_recipe("distill", chain_steps="all"),
+           "distill --target-steps 8": named_recipe("distill", target_steps=8),
            "distill --chain-starts 0 --target-steps 8": named_recipe("distill", chain_starts=0.0, target_steps=8),
            "distill --chain-steps all --target-steps 8": named_recipe("distill", chain_steps="all", target_steps=8)}
 
