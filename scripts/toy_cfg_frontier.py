@@ -1,7 +1,8 @@
 """Where fd_data and fd_ref pull apart on a toy teacher: the teacher's many-step CFG samples at several guidance
-scales, each scored against the data (fd_data) and against the reference (the same sampler at the reference's
+scales, each scored against the data (fd_data) and against the reference (32 Euler steps at the reference's
 scale, fd_ref 0). A student that reproduced the teacher at scale w exactly would score that row, so the rows
-say which (fd_ref, fd_data) pairs a faithful student can reach at all.
+say which (fd_ref, fd_data) pairs a faithful student can reach at all. With --steps below the reference's, the
+rows are a few-step solve's own distance from the reference (a distill target grid's error).
 
     python scripts/toy_cfg_frontier.py --run results/toy/quick_seed2 --num-samples 1000 --guidance 1.5,2,2.5,3,4
     python scripts/toy_cfg_frontier.py --run T0 --steps 8 --guidance 3   # a distill target grid's own error

@@ -207,6 +207,14 @@ def test_toy_script_smoke(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.getvalue().splitlines() if line.startswith("| 3 |")]
     ref = results["teacher_cfg_ref"]
     assert len(rows) == 1 and float(rows[0][2]) == round(ref["fd_data"], 1) and float(rows[0][3]) == 0.0, rows
+    # --steps 4 against the 32-step reference (--reference-steps' default) is the teacher_4_cfg row
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert frontier.main(["--run", str(tmp_path), "--num-samples", "48", "--guidance", "3", "--steps", "4"]) == 0
+    rows = [line.split("|")[1:-1] for line in out.getvalue().splitlines() if line.startswith("| 3 |")]
+    four = results["teacher_4_cfg"]
+    assert len(rows) == 1 and [float(rows[0][2]), float(rows[0][3])] == [round(four["fd_data"], 1),
+                                                                          round(four["fd_ref"], 1)], (rows, four)
 
 
 def test_toy_recipe_runs_apply_preset_options_and_batches():

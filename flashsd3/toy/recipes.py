@@ -11,9 +11,8 @@ options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4s
 so (--chain-starts 0.5), `distill-mix25` a quarter, `distill-all` = every chain step against one teacher solve
 (--chain-steps all) on 8-row batches, `distill-t8` = the distill row with the preset's earlier 8-step target
 grid (the options keep that grid: their committed rows were measured on it), `distill-w245` / `distill-w240` = the
-preset with w drawn around 2.45 / 2.40 instead of 3, `distill-all16` = `distill-all` on the preset's 16-step grid.
-Every row samples with its run's
-sampler (FlashRecipe.sampler).
+preset with w drawn around 2.45 / 2.40 instead of 3, `distill-all16` = `distill-all` on the preset's 16-step
+grid. Every row samples with its run's sampler (FlashRecipe.sampler).
 """
 from __future__ import annotations
 
