@@ -218,31 +218,34 @@ def test_toy_script_smoke(tmp_path):
 
 
 def test_toy_recipe_runs_apply_preset_options_and_batches():
-    """recipes.recipe_run: flash-sd3 = the base run; distill = the preset over the toy's sizes at BATCHES x its
-    batches (phases the 4 quarters); each option = the preset with its fields, at the toy's batches."""
+    """recipes.recipe_run: flash-sd3 = the base run; distill = the preset over the toy's sizes at DISTILL.batches x
+    its batches (phases the 4 quarters); each option = its preset with its fields, at its batches, rows and rate."""
     from dataclasses import replace
 
     from flashsd3.toy.distill import ToyFlashRun, last_phase
-    from flashsd3.toy.recipes import BATCHES, NAMES, OPTIONS, recipe_run
+    from flashsd3.toy.recipes import DISTILL, NAMES, OPTIONS, recipe_run
     from flashsd3.training.flash import RECIPES
 
     base = replace(ToyFlashRun(), steps=400)
     assert recipe_run(base, "flash-sd3", 3) == replace(base, seed=3)
     d = recipe_run(base, "distill", 1)
-    assert (d.seed, d.bank, d.steps, d.flash.phase_batches) == (1, 0, 400 * BATCHES["distill"], (200, 200, 200))
+    assert (d.seed, d.bank, d.steps, d.flash.phase_batches) == (1, 0, 400 * DISTILL.batches, (200, 200, 200))
     preset = RECIPES["distill"]
     assert all(getattr(d.flash, k) == getattr(preset, k) for k in ("lambda_adv", "lambda_dmd", "mixture_modes",
                                                                     "target_steps", "chain_starts", "renoise"))
     assert d.flash.guidance == base.flash.guidance and d.flash.sampler == "flash_initial"  # the toy's sizes
-    for name, (p, fields) in OPTIONS.items():
+    for name, row in OPTIONS.items():
         run = recipe_run(base, name, 0)
-        assert run.flash.recipe == p and all(getattr(run.flash, k) == v for k, v in fields.items()), name
-        assert run.steps == 400 * BATCHES.get(name, 1)
+        assert run.flash.recipe == row.preset and all(getattr(run.flash, k) == v for k, v in row.fields.items()), name
+        assert (run.steps, run.batch, run.lr_decay) == (400 * row.batches, row.rows or base.batch, row.decay), name
     data = recipe_run(base, "distill-data", 0)
     assert (data.flash.chain_starts, data.flash.sampler, data.steps) == (0.0, "flash", 400)
     # distill's rate decays over its last phase (the 4th quarter of its 800 batches); the options keep theirs
     assert d.lr_decay and last_phase(d) == 200
     assert not data.lr_decay and not recipe_run(base, "distill-half", 0).lr_decay
+    # an option at the toy's batches keeps the base's phases; scripts/toy.py --lr-decay reaches it through the base
+    assert data.flash.phase_batches == base.flash.phase_batches
+    assert recipe_run(replace(base, lr_decay=True), "distill-data", 0).lr_decay
     # distill-t8: the distill row with the 8-step target grid, the preset's before 16 (the committed rows' runs)
     assert recipe_run(base, "distill-t8", 1) == replace(d, flash=replace(d.flash, target_steps=8))
     assert d.flash.target_steps == 16

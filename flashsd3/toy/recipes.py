@@ -4,7 +4,7 @@ fd_ref, paired_l2 and mean_chroma, and the issue's bounds for the distill rows a
 
 `flash-sd3` runs as the toy's faithful student (`distill.ToyFlashRun`, the bank option as configured); `distill`
 is the preset's values (`training.flash.recipe.PRESETS`) over the toy's sizes, on the recipe's own start points
-(its sampler chains, live teacher solves), never a bank, for `BATCHES` times the toy's batches. The toy's named
+(its sampler chains, live teacher solves), never a bank, for `DISTILL.batches` times the toy's batches. The toy's named
 options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4step`), each at the toy's batches:
 `distill-data` = the distill preset on noised-data starts (--chain-starts 0, the preset before chains),
 `distill-chain` = chain starts re-noised with fresh noise (--renoise fresh), `distill-mix` = half of the batches
@@ -17,7 +17,7 @@ grid. Every row samples with its run's sampler (FlashRecipe.sampler).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from .. import rng
 from ..training.config import flag
@@ -31,31 +31,43 @@ from .model import load_teacher
 DISTILL_BOUNDS = {"adherence": ("min", 0.985, None), "fd_ref": ("max", 0.6, "teacher_4_cfg"),
                   "fd_data": ("max", 0.3, "teacher_4_cfg")}
 ONE_STEP_FD_REF = 30.0
-# toy rows of a preset with options (training.flash.FlashRecipe fields): name -> (preset, fields)
-# (each measured when the preset solved its targets on an 8-step grid: they keep it, so their commands give back
-# their committed rows; `distill-t8` is the distill row of that preset)
-OPTIONS = {"distill-data": ("distill", {"chain_starts": 0.0, "renoise": "fresh", "target_steps": 8}),
-           "distill-chain": ("distill", {"chain_starts": 1.0, "renoise": "fresh", "target_steps": 8}),
-           "distill-mix": ("distill", {"chain_starts": 0.5, "renoise": "fresh", "target_steps": 8}),
-           "distill-mix25": ("distill", {"chain_starts": 0.25, "renoise": "fresh", "target_steps": 8}),
-           "distill-half": ("distill", {"chain_starts": 0.5, "target_steps": 8}),
-           "distill-all": ("distill", {"chain_steps": "all", "target_steps": 8}),
-           "distill-t8": ("distill", {"target_steps": 8}),
-           "distill-all16": ("distill", {"chain_steps": "all"}),  # --chain-steps all on the preset's 16-step grid
-           # the preset with w ~ U[1.95, 2.95] / U[1.9, 2.9], means 2.45 / 2.40 below the reference's 3: the student
-           # lands nearer the data (the fd_data bound) and further from the reference (RESULTS.md)
-           "distill-w245": ("distill", {"guidance_min": 1.95, "guidance_max": 2.95}),
-           "distill-w240": ("distill", {"guidance_min": 1.9, "guidance_max": 2.9})}
-# batches of a row's run in units of the toy's (--distil-steps, default 400): twice the batches, chosen when distill
-# cost 0.45x the released recipe per sample (8-step grid; the 16-step grid: 0.81x, bench/flash_cost.py)
-BATCHES = {"distill": 2, "distill-half": 2, "distill-all": 2, "distill-t8": 2, "distill-w245": 2, "distill-w240": 2,
-           "distill-all16": 2}
-# rows per batch where not the toy's: distill-all trains up to 4 chain steps per row, so a quarter of the rows
-# give a batch as many trained (start point, target) pairs as distill's
-BATCH_ROWS = {"distill-all": 8, "distill-all16": 8}
-# rows whose learning rate decays linearly to 0 over their run's last phase (--lr-decay-steps): the final iterate
-# settles instead of carrying a full-size step's noise (measured: RESULTS.md); the others keep a constant rate
-DECAY_LAST_PHASE = ("distill", "distill-all", "distill-t8", "distill-w245", "distill-w240", "distill-all16")
+
+
+@dataclass(frozen=True)
+class ToyRow:
+    """How the toy runs a row other than flash-sd3: a preset, FlashRecipe fields over it, and the run's sizes."""
+
+    preset: str
+    fields: dict = field(default_factory=dict)  # FlashRecipe fields over the preset (flashsd3-train flags)
+    # batches in units of the toy's (--distil-steps, default 400): twice, chosen when distill cost 0.45x the
+    # released recipe per sample (8-step grid; the 16-step grid: 0.81x, bench/flash_cost.py)
+    batches: int = 1
+    # rows per batch where not the toy's: --chain-steps all trains up to 4 chain steps per row, so a quarter of
+    # the rows give a batch as many trained (start point, target) pairs as distill's
+    rows: int | None = None
+    # the learning rate decays linearly to 0 over the run's last phase (--lr-decay-steps): the final iterate
+    # settles instead of carrying a full-size step's noise (measured: RESULTS.md); else a constant rate
+    decay: bool = False
+
+
+DISTILL = ToyRow("distill", batches=2, decay=True)
+# The toy's named options over a preset, rows of their own. Those measured when the preset solved its targets on
+# an 8-step grid keep it, so their commands give back their committed rows (`distill-t8`: the distill row then).
+OPTIONS = {
+    "distill-data": ToyRow("distill", {"chain_starts": 0.0, "renoise": "fresh", "target_steps": 8}),
+    "distill-chain": ToyRow("distill", {"chain_starts": 1.0, "renoise": "fresh", "target_steps": 8}),
+    "distill-mix": ToyRow("distill", {"chain_starts": 0.5, "renoise": "fresh", "target_steps": 8}),
+    "distill-mix25": ToyRow("distill", {"chain_starts": 0.25, "renoise": "fresh", "target_steps": 8}),
+    "distill-half": ToyRow("distill", {"chain_starts": 0.5, "target_steps": 8}, batches=2),
+    "distill-all": ToyRow("distill", {"chain_steps": "all", "target_steps": 8}, batches=2, rows=8, decay=True),
+    "distill-t8": replace(DISTILL, fields={"target_steps": 8}),
+    "distill-all16": ToyRow("distill", {"chain_steps": "all"}, batches=2, rows=8, decay=True),
+    # w ~ U[1.95, 2.95] / U[1.9, 2.9], means 2.45 / 2.40 below the reference's 3: the student lands nearer the
+    # data (the fd_data bound) and further from the reference (RESULTS.md)
+    "distill-w245": replace(DISTILL, fields={"guidance_min": 1.95, "guidance_max": 2.95}),
+    "distill-w240": replace(DISTILL, fields={"guidance_min": 1.9, "guidance_max": 2.9}),
+}
+ROWS = {"distill": DISTILL, **OPTIONS}
 NAMES = (*PRESETS, *OPTIONS)
 
 
@@ -73,11 +85,11 @@ def recipe_run(base: ToyFlashRun, name: str, seed: int) -> ToyFlashRun:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(NAMES)}")
     if name == "flash-sd3":
         return replace(base, seed=seed)
-    preset, fields = OPTIONS.get(name, (name, {}))
-    run = replace(base, seed=seed, bank=0, flash=replace(base.flash, recipe=preset, **{**PRESETS[preset], **fields}))
-    run = with_steps(run, base.steps * BATCHES[name]) if name in BATCHES else run
-    run = replace(run, batch=BATCH_ROWS[name]) if name in BATCH_ROWS else run
-    return replace(run, lr_decay=True) if name in DECAY_LAST_PHASE else run
+    row = ROWS[name]
+    flash = replace(base.flash, recipe=row.preset, **{**PRESETS[row.preset], **row.fields})
+    run = replace(base, seed=seed, bank=0, flash=flash, batch=row.rows or base.batch,
+                  lr_decay=row.decay or base.lr_decay)
+    return with_steps(run, base.steps * row.batches) if row.batches != 1 else run
 
 
 def train_recipe(teacher_path, run: ToyFlashRun, probe: tuple, *, log=print):
@@ -127,7 +139,7 @@ def recipe_rows(teacher_path, evaluator, base: ToyFlashRun, *, recipes, seeds, s
 def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
     """The bounds on every `<recipe>_seed<S>_4step` / `_1step` row present, and on the rows of `recipe`'s
     OPTIONS: one entry per (row, bound)."""
-    names = {recipe, *(n for n, (preset, _) in OPTIONS.items() if preset == recipe)}
+    names = {recipe, *(n for n, row in OPTIONS.items() if row.preset == recipe)}
     out = []
     for key, row in rows.items():
         parsed = parse_row_key(key)
@@ -147,12 +159,12 @@ def distill_checks(rows: dict, recipe: str = "distill") -> list[dict]:
 
 def options_text() -> str:
     """The OPTIONS as `name` = their flags over their preset (and their batches where not the toy's)."""
-    def shown(name, fields):
-        batches = f", {BATCHES[name]}x batches" if name in BATCHES else ""
-        batches += f" of {BATCH_ROWS[name]} rows" if name in BATCH_ROWS else ""
-        batches += ", the rate decaying over the last phase" if name in DECAY_LAST_PHASE else ""
-        return f"`{name}` = {' '.join(f'{flag(k)} {v}' for k, v in fields.items())}{batches}"
-    return "; ".join(shown(n, f) for n, (_, f) in OPTIONS.items())
+    def shown(name, row):
+        batches = f", {row.batches}x batches" if row.batches != 1 else ""
+        batches += f" of {row.rows} rows" if row.rows else ""
+        batches += ", the rate decaying over the last phase" if row.decay else ""
+        return f"`{name}` = {' '.join(f'{flag(k)} {v}' for k, v in row.fields.items())}{batches}"
+    return "; ".join(shown(n, row) for n, row in OPTIONS.items())
 
 
 def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
@@ -185,7 +197,7 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
   the distillation term only, no discriminator pass; every start on the student's own {distill_run.sampler_steps}-step
   sampler chain from z, re-noised with z itself (`--renoise {distill_run.renoise}`), pulled towards the teacher's
   live CFG solve from z (w per batch, U{list(distill_run.guidance)}) on the {distill_run.target_steps}-step grid;
-  chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({BATCHES['distill']}x the
+  chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({DISTILL.batches}x the
   toy's; compute per sample: `bench/flash_cost.py`), the learning rate decaying linearly to 0 over
   the last phase ({last_phase(whole)} batches; the other rows: as the section above says); sampled with
   `{distill_run.sampler}`. Options (rows
