@@ -79,18 +79,23 @@ def sample_flops(per: dict[str, tuple[float, float]], fl: dict[str, float]) -> f
 # 8-step target grid the toy's options were measured on (the preset's before it moved to 16): distill, distill on
 # the noised-data starts (--chain-starts 0, the preset before chains; --chain-starts p costs (1 - p) x that + p x
 # the chains, per phase) and --chain-steps all
+# With --late-guidance != 1 a drawn step still costs one solve, but --chain-steps all needs one per guidance
+# (step 0's w and the later steps' own); the toy's chain-all options keep one w (--late-guidance 1).
 COUNTED = {**RECIPES, "distill --chain-steps all": named_recipe("distill", chain_steps="all"),
+           "distill --chain-steps all --late-guidance 1": named_recipe("distill", chain_steps="all", late_guidance=1.0),
            "distill --target-steps 8": named_recipe("distill", target_steps=8),
            "distill --chain-starts 0 --target-steps 8": named_recipe("distill", chain_starts=0.0, target_steps=8),
-           "distill --chain-steps all --target-steps 8": named_recipe("distill", chain_steps="all", target_steps=8)}
+           "distill --chain-steps all --target-steps 8 --late-guidance 1": named_recipe(
+               "distill", chain_steps="all", target_steps=8, late_guidance=1.0)}
 
 
 def fixed_start(k: int):
     """The recipe's start at grid index k (noised data, or the student's chain where the recipe's chain_starts
-    is 1); w drawn as the recipe does."""
+    is 1); w drawn as the recipe does (times --late-guidance after the first sampler step)."""
     def start(models, recipe, batch, phase, rnd):
         at = chain_start_at if recipe.chain_starts == 1 else noised_data_start_at
-        return at(models, recipe, batch, k, draw_guidance(recipe, rnd.batch), rnd)
+        w = recipe.step_guidance(draw_guidance(recipe, rnd.batch), recipe.chain_step(k))
+        return at(models, recipe, batch, k, w, rnd)
     return start
 
 

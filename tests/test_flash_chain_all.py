@@ -48,10 +48,12 @@ def test_step_weights_are_the_mixture_mass_per_mode_written_out():
 
 @pytest.mark.parametrize("phase", [0, 3])
 @pytest.mark.parametrize("renoise", ["initial", "fresh"])
-def test_loss_is_the_weighted_sum_over_the_drawn_chain_starts(phase, renoise):
-    """Each step's point and target equal the drawn chain start at that step's mode (same z, same w) bitwise;
-    the loss is sum_j P_j L2(x0_j, y) over the steps whose mode the phase weighs, summed in step order."""
-    recipe, batch, step = replace(ALL, renoise=renoise), _batch(), 7
+@pytest.mark.parametrize("late", [1.0, 0.75])
+def test_loss_is_the_weighted_sum_over_the_drawn_chain_starts(phase, renoise, late):
+    """Each step's point and target equal the drawn chain start at that step's mode (same z, the same w: the
+    drawn one at step 0, late_guidance times it after) bitwise; the loss is sum_j P_j L2(x0_j, y_j) over the
+    steps whose mode the phase weighs, summed in step order."""
+    recipe, batch, step = replace(ALL, renoise=renoise, late_guidance=late), _batch(), 7
     student, teacher = Recorder(), Recorder()
     models = FlashModels(student=student, teacher=teacher, features=None, head=None)
     loss, _, w = chain_all_loss(models, recipe, batch, phase, StepRandom(SEED, step, 0, batch.ids))
@@ -61,7 +63,7 @@ def test_loss_is_the_weighted_sum_over_the_drawn_chain_starts(phase, renoise):
     weights, expected = recipe.chain_step_weights(phase), torch.zeros(())
     for j, mode in enumerate(recipe.mode_indices()):
         start = chain_start_at(FlashModels(student=Recorder(), teacher=Recorder(), features=None, head=None),
-                               recipe, batch, mode, w, StepRandom(SEED, step, 0, batch.ids))
+                               recipe, batch, mode, recipe.step_guidance(w, j), StepRandom(SEED, step, 0, batch.ids))
         assert torch.equal(student.calls[j][1], start.x_k), j  # the same chain point
         if trained[j]:
             x0 = student_x0(Recorder(), start.x_k, start.sigma.expand(len(start.x_k)).clone(), batch.cond)
@@ -79,15 +81,18 @@ def test_refused_without_chain_starts_or_with_dmd_or_gan():
         named_recipe("distill", chain_steps="some")
 
 
-def test_an_iteration_costs_one_solve_and_every_step():
-    """Per row: the teacher's 16-step CFG solve (32 rows) once, 4 student forwards, a backward through each
-    trained step (phase 0 weighs 2 of the 4 modes, phase 3 all of them); the update moves the student."""
+@pytest.mark.parametrize("late, solves", [(1.0, (1, 1)), (0.75, (1, 2))])
+def test_an_iteration_costs_one_solve_per_guidance_and_every_step(late, solves):
+    """Per row: the teacher's 16-step CFG solve (32 rows) once per guidance a trained step needs (one w, or
+    --late-guidance: step 0's w and the later steps' own; phase 0 trains only steps 2 and 3), 4 student
+    forwards, a backward through each trained step (phase 0 weighs 2 of the 4 modes, phase 3 all of them); the
+    update moves the student."""
     models, c, student, update = counted_models()
-    recipe = replace(ALL, phase_batches=(1, 1, 1))
+    recipe = replace(ALL, phase_batches=(1, 1, 1), late_guidance=late)
     batch, before = _batch(), [p.clone() for p in student.parameters()]
-    for step, backward in ((0, 2.0), (3, 4.0)):
+    for step, backward, n in ((0, 2.0, solves[0]), (3, 4.0, solves[1])):
         c.reset()
         logs = flash_step(models, recipe, batch, step, SEED, update)
-        assert c.per_sample(3) == {"student": (4.0, backward), "teacher": (32.0, 0.0)}, step
+        assert c.per_sample(3) == {"student": (4.0, backward), "teacher": (32.0 * n, 0.0)}, step
         assert logs["phase"] == step and logs["k"] == 31 and "dmd" not in logs and "grad_norm_d" not in logs
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))

@@ -1,6 +1,7 @@
 """The named Flash recipes (training.flash.RECIPES, --recipe) on hand-made tensors: the presets' fields, the
 mixture modes at the Flash sampler's sigmas, the start points and the teacher's target on the coarser grid,
 and --recipe as the base that explicit settings override."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -29,7 +30,9 @@ def test_presets_fields():
     assert RECIPES["flash-sd3"] == FlashRecipe()  # the released recipe is the default, field for field
     d = RECIPES["distill"]
     changed = {k for k in FlashRecipe.__dataclass_fields__ if getattr(d, k) != getattr(FlashRecipe(), k)}
-    assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps", "chain_starts", "renoise"}
+    assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps", "chain_starts", "renoise",
+                       "late_guidance"}
+    assert d.late_guidance == 0.75
     assert (d.lambda_adv, d.lambda_dmd, d.mixture_modes, d.target_steps) == (ZERO, ZERO, "sampler", 16)
     assert (d.chain_starts, d.renoise, d.sampler) == (1.0, "initial", "flash_initial")
     assert d.lambda_distill == (1.0,) * 4 and d.mode_weights == FlashRecipe().mode_weights  # the recipe's phases
@@ -101,20 +104,49 @@ def test_start_point_is_the_data_noised_at_the_drawn_index_and_its_target_the_cf
     x0 = torch.randn(B, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     cond, uncond = (torch.full((B,), 2.0),), (torch.full((B,), -1.0),)
     models = FlashModels(student=None, teacher=teacher, features=None, head=None)
-    batch = FlashBatch(x0, cond, uncond, ids=[5, 6, 7])
+    batch, late = FlashBatch(x0, cond, uncond, ids=[5, 6, 7]), set()
     for phase, step in enumerate((0, 2500, 5000, 7500)):
         start = noised_data_start(models, recipe, batch, phase, StepRandom(11, step, 0, batch.ids))
         again = StepRandom(11, step, 0, batch.ids)
-        k, w = draw_start_index(recipe, phase, again.batch), draw_guidance(recipe, again.batch)
+        k, drawn = draw_start_index(recipe, phase, again.batch), draw_guidance(recipe, again.batch)
+        w = drawn if recipe.chain_step(k) == 0 else recipe.late_guidance * drawn  # distill: 0.75 w after step 0
         s = recipe.grid()[k]
         assert (start.k, start.guidance) == (k, w)
+        late.add(w != drawn)
         torch.testing.assert_close(start.x_k, (1 - s) * x0 + s * again.randn(x0), rtol=0, atol=0)  # same ops
         calls.clear()
         v = -1.0 + w * (2.0 - (-1.0))
-        # an up-to-8-step float32 Euler solve of a constant velocity vs its closed form, |x| <= 40 (ulp 3.8e-6):
-        # measured 3.8e-6 (1 ulp), asserted at 1e-5 (2.6 ulp; the 4-ulp worst case of 8 roundings is not reached)
+        # an up-to-16-step float32 Euler solve of a constant velocity vs its closed form, |x| <= 40 (ulp 3.8e-6):
+        # measured 3.8e-6 (1 ulp), asserted at 1e-5 (2.6 ulp; these fixed inputs never reach the worst case of
+        # a half-ulp rounding per step)
         torch.testing.assert_close(start.target(), start.x_k - s * v, rtol=0, atol=1e-5)
         assert calls == [2 * B] * (len(recipe.target_sigmas(k)) - 1)  # batched [neg, cond]
+    assert late == ({False} if name == "flash-sd3" else {False, True})  # distill: these draws reach steps 0 and 2+
+
+
+def test_late_guidance_scales_the_targets_after_the_first_sampler_step():
+    r = named_recipe("distill")
+    assert (r.late_guidance, FlashRecipe().late_guidance) == (0.75, 1.0)
+    assert [r.step_guidance(3.0, j) for j in range(4)] == [3.0, 2.25, 2.25, 2.25]
+    assert [FlashRecipe().step_guidance(3.0, j) for j in range(4)] == [3.0] * 4  # one w: the released recipe
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"--late-guidance must be a finite factor > 0, got {bad}"):
+            named_recipe("distill", late_guidance=bad)
+
+
+def test_a_stored_config_from_before_a_setting_existed_keeps_its_run(tmp_path):
+    """config.json of a distill run saved before --chain-starts / --renoise / --late-guidance existed: a resume and
+    a checkpoint's check read it as the run it was (noised-data starts, fresh re-noise, one w), not as today's
+    preset; a stored value wins over the table."""
+    from flashsd3.training.config import ADDED_SETTINGS, config_differences, resumed_config
+
+    cfg = make_config(FlashConfig, ({"cache": "c", "out": str(tmp_path), "recipe": "distill"}, None))
+    old = {k: v for k, v in flat(cfg).items() if k not in ADDED_SETTINGS}
+    back = resumed_config(FlashConfig, old, {}, tmp_path)
+    assert back.recipe == replace(cfg.recipe, chain_starts=0.0, renoise="fresh", late_guidance=1.0)
+    assert config_differences(FlashConfig, back, old) == []
+    assert "--late-guidance 1.0 (this run: 0.75)" in config_differences(FlashConfig, cfg, old)
+    assert resumed_config(FlashConfig, flat(cfg), {}, tmp_path).recipe == cfg.recipe  # stored values kept
 
 
 def test_recipe_setting_is_the_base_that_other_settings_override():

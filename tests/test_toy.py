@@ -232,7 +232,8 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     assert (d.seed, d.bank, d.steps, d.flash.phase_batches) == (1, 0, 400 * DISTILL.batches, (200, 200, 200))
     preset = RECIPES["distill"]
     assert all(getattr(d.flash, k) == getattr(preset, k) for k in ("lambda_adv", "lambda_dmd", "mixture_modes",
-                                                                    "target_steps", "chain_starts", "renoise"))
+                                                                    "target_steps", "chain_starts", "renoise",
+                                                                    "late_guidance"))
     assert d.flash.guidance == base.flash.guidance and d.flash.sampler == "flash_initial"  # the toy's sizes
     for name, row in OPTIONS.items():
         run = recipe_run(base, name, 0)
@@ -246,11 +247,16 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     # an option at the toy's batches keeps the base's phases; scripts/toy.py --lr-decay reaches it through the base
     assert data.flash.phase_batches == base.flash.phase_batches
     assert recipe_run(replace(base, lr_decay=True), "distill-data", 0).lr_decay
-    # distill-t8: the distill row with the 8-step target grid, the preset's before 16 (the committed rows' runs)
-    assert recipe_run(base, "distill-t8", 1) == replace(d, flash=replace(d.flash, target_steps=8))
+    # distill-w1: the distill row with one w for every step, the preset's before --late-guidance 0.75; distill-t8:
+    # that row on the 8-step target grid, the preset's before 16 (the committed rows' runs)
+    one_w = replace(d, flash=replace(d.flash, late_guidance=1.0))
+    assert recipe_run(base, "distill-w1", 1) == one_w and d.flash.late_guidance == 0.75
+    assert recipe_run(base, "distill-t8", 1) == replace(one_w, flash=replace(one_w.flash, target_steps=8))
     assert d.flash.target_steps == 16
+    for name in OPTIONS:  # every option was measured with one w and keeps it
+        assert recipe_run(base, name, 0).flash.late_guidance == 1.0, name
     for name in OPTIONS:  # the options measured on the 8-step grid keep it; the guidance ones are the preset's
-        on_preset_grid = name.startswith("distill-w") or name == "distill-all16"
+        on_preset_grid = name.startswith("distill-w") or name == "distill-all16"  # distill-w1 too
         assert recipe_run(base, name, 0).flash.target_steps == (16 if on_preset_grid else 8), name
     every = recipe_run(base, "distill-all", 0)  # every chain step per row: a quarter of the rows per batch
     assert (every.flash.chain_steps, every.batch, every.steps, every.lr_decay) == ("all", 8, 800, True)

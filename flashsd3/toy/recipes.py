@@ -11,8 +11,10 @@ options over a preset, `OPTIONS` (rows of their own, e.g. `distill-data_seed0_4s
 so (--chain-starts 0.5), `distill-mix25` a quarter, `distill-all` = every chain step against one teacher solve
 (--chain-steps all) on 8-row batches, `distill-t8` = the distill row with the preset's earlier 8-step target
 grid (the options keep that grid: their committed rows were measured on it), `distill-w245` / `distill-w240` = the
-preset with w drawn around 2.45 / 2.40 instead of 3, `distill-all16` = `distill-all` on the preset's 16-step
-grid. Every row samples with its run's sampler (FlashRecipe.sampler).
+preset with w drawn around 2.45 / 2.40 instead of 3 at every step, `distill-all16` = `distill-all` on the
+preset's 16-step grid, `distill-w1` = the distill row with one w for every step (the preset before
+--late-guidance 0.75; every other option keeps one w too). Every row samples with its run's sampler
+(FlashRecipe.sampler).
 """
 from __future__ import annotations
 
@@ -53,19 +55,24 @@ class ToyRow:
 DISTILL = ToyRow("distill", batches=2, decay=True)
 # The toy's named options over a preset, rows of their own. Those measured when the preset solved its targets on
 # an 8-step grid keep it, so their commands give back their committed rows (`distill-t8`: the distill row then).
+# Those measured before the preset's --late-guidance keep one w for every step (ONE_W).
+ONE_W = {"late_guidance": 1.0}
 OPTIONS = {
-    "distill-data": ToyRow("distill", {"chain_starts": 0.0, "renoise": "fresh", "target_steps": 8}),
-    "distill-chain": ToyRow("distill", {"chain_starts": 1.0, "renoise": "fresh", "target_steps": 8}),
-    "distill-mix": ToyRow("distill", {"chain_starts": 0.5, "renoise": "fresh", "target_steps": 8}),
-    "distill-mix25": ToyRow("distill", {"chain_starts": 0.25, "renoise": "fresh", "target_steps": 8}),
-    "distill-half": ToyRow("distill", {"chain_starts": 0.5, "target_steps": 8}, batches=2),
-    "distill-all": ToyRow("distill", {"chain_steps": "all", "target_steps": 8}, batches=2, rows=8, decay=True),
-    "distill-t8": replace(DISTILL, fields={"target_steps": 8}),
-    "distill-all16": ToyRow("distill", {"chain_steps": "all"}, batches=2, rows=8, decay=True),
-    # w ~ U[1.95, 2.95] / U[1.9, 2.9], means 2.45 / 2.40 below the reference's 3: the student lands nearer the
-    # data (the fd_data bound) and further from the reference (RESULTS.md)
-    "distill-w245": replace(DISTILL, fields={"guidance_min": 1.95, "guidance_max": 2.95}),
-    "distill-w240": replace(DISTILL, fields={"guidance_min": 1.9, "guidance_max": 2.9}),
+    "distill-data": ToyRow("distill", {"chain_starts": 0.0, "renoise": "fresh", "target_steps": 8, **ONE_W}),
+    "distill-chain": ToyRow("distill", {"chain_starts": 1.0, "renoise": "fresh", "target_steps": 8, **ONE_W}),
+    "distill-mix": ToyRow("distill", {"chain_starts": 0.5, "renoise": "fresh", "target_steps": 8, **ONE_W}),
+    "distill-mix25": ToyRow("distill", {"chain_starts": 0.25, "renoise": "fresh", "target_steps": 8, **ONE_W}),
+    "distill-half": ToyRow("distill", {"chain_starts": 0.5, "target_steps": 8, **ONE_W}, batches=2),
+    "distill-all": ToyRow("distill", {"chain_steps": "all", "target_steps": 8, **ONE_W}, batches=2, rows=8,
+                          decay=True),
+    "distill-t8": replace(DISTILL, fields={"target_steps": 8, **ONE_W}),
+    "distill-all16": ToyRow("distill", {"chain_steps": "all", **ONE_W}, batches=2, rows=8, decay=True),
+    # w ~ U[1.95, 2.95] / U[1.9, 2.9] at every step, means 2.45 / 2.40 below the reference's 3: the student lands
+    # nearer the data (the fd_data bound) and further from the reference, at 1 step too (RESULTS.md)
+    "distill-w245": replace(DISTILL, fields={"guidance_min": 1.95, "guidance_max": 2.95, **ONE_W}),
+    "distill-w240": replace(DISTILL, fields={"guidance_min": 1.9, "guidance_max": 2.9, **ONE_W}),
+    # the preset before --late-guidance: one w ~ U[2, 4] for every step's target
+    "distill-w1": replace(DISTILL, fields=ONE_W),
 }
 ROWS = {"distill": DISTILL, **OPTIONS}
 NAMES = (*PRESETS, *OPTIONS)
@@ -196,7 +203,8 @@ def recipes_markdown(rows: dict, runs: dict, base: ToyFlashRun) -> str:
   adapters' init, the head, the batches and the bank). `distill`: `{preset_flags('distill')}` over the same sizes:
   the distillation term only, no discriminator pass; every start on the student's own {distill_run.sampler_steps}-step
   sampler chain from z, re-noised with z itself (`--renoise {distill_run.renoise}`), pulled towards the teacher's
-  live CFG solve from z (w per batch, U{list(distill_run.guidance)}) on the {distill_run.target_steps}-step grid;
+  live CFG solve from z (w per batch, U{list(distill_run.guidance)}, times {distill_run.late_guidance:g} for the
+  sampler steps after the first: `--late-guidance`) on the {distill_run.target_steps}-step grid;
   chain steps at grid indices {distill_run.mode_indices()}; {distill_run_steps} batches ({DISTILL.batches}x the
   toy's; compute per sample: `bench/flash_cost.py`), the learning rate decaying linearly to 0 over
   the last phase ({last_phase(whole)} batches; the other rows: as the section above says); sampled with

@@ -24,6 +24,11 @@ from ..rules import check_seed
 # `out` is where the run is now (a run folder may be moved); `cache` is compared as a resolved path.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "device")
 
+# Settings added after runs were saved, each with the value that a stored configuration without it ran with. A
+# preset may set them otherwise today (distill: --chain-starts 1, --renoise initial, --late-guidance 0.75), so an
+# older config.json is read as the run it was (a resume, a checkpoint's check), not as today's preset.
+ADDED_SETTINGS = {"chain_starts": 0.0, "renoise": "fresh", "chain_steps": "drawn", "late_guidance": 1.0}
+
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -216,11 +221,17 @@ def _tuple(item, value, name: str) -> tuple:
     return tuple(_scalar(item, p, name, True) for p in parts)
 
 
+def stored_values(cls, stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration's settings (not its command or folder), with ADDED_SETTINGS where it predates them."""
+    known = settings(cls)
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in known and k not in stored}
+    return {**added, **{k: v for k, v in stored.items() if k not in ("command", "out")}}
+
+
 def config_differences(cls, cfg, stored: dict[str, Any]) -> list[str]:
     """What a stored configuration (a checkpoint's) sets otherwise than `cfg`, beyond what a resume may change."""
     try:
-        other = make_config(cls, ({k: v for k, v in stored.items() if k not in ("command", "out")}, "the checkpoint"),
-                            ({"out": cfg.out}, None))
+        other = make_config(cls, (stored_values(cls, stored), "the checkpoint"), ({"out": cfg.out}, None))
     except ValueError as e:
         return [f"a configuration this run cannot read ({e})"]
     known = settings(cls)
@@ -233,8 +244,7 @@ def resumed_config(cls, saved: dict[str, Any], changes: dict[str, Any], out: Pat
     """The saved run's configuration with the few changes a resume may make (RESUMABLE_CHANGES); `out` is where
     the run is now (its folder may have been moved). `changes`: the command's flags over its config file."""
     saved_file = out / "config.json"
-    base = make_config(cls, ({k: v for k, v in saved.items() if k not in ("command", "out")}, str(saved_file)),
-                       ({"out": str(out)}, None))
+    base = make_config(cls, (stored_values(cls, saved), str(saved_file)), ({"out": str(out)}, None))
     known = settings(cls)
     changed = [k for k, v in changes.items() if k not in (*RESUMABLE_CHANGES, "out")
                and not _same(k, convert(known[k], v, flag(k)), getattr(_holder(base, known[k]), k))]

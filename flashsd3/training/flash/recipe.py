@@ -17,14 +17,17 @@ sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`; the named o
     flash-sd3  the released recipe (the defaults)
     distill    the distillation term only (no DMD, no GAN: neither is computed, nor the discriminator step), on
                chain starts: z, then the student's own Flash sampler steps from z up to the drawn mode (no grad),
-               re-noising with z itself (--renoise initial), pulled towards the teacher's CFG solve from z on an
-               8-step grid; the modes at the Flash sampler's sigmas with the recipe's phase weights. Sample its
+               re-noising with z itself (--renoise initial), pulled towards the teacher's CFG solve from z on a
+               16-step grid, at the batch's w for the sampler's first step and 0.75 w for the later ones
+               (--late-guidance); the modes at the Flash sampler's sigmas with the recipe's phase weights. Sample its
                adapters with the `flash_initial` sampler (4 steps) or 1 Flash step. Why: the DMD term compares
                the teacher's CFG velocity with the student's own (conditional) one, and the teacher's CFG output is
                no fixed point of it, so DMD students stay as saturated as few-step CFG; the distillation term alone
                reproduces the many-step teacher; and a sampler that re-noises with fresh noise hides which
                teacher sample a chain should end on, so an L2 student learns an average of them, while re-noising
-               with z keeps it a function of the point (results/toy/FLASH_DIAGNOSIS.md).
+               with z keeps it a function of the point (results/toy/FLASH_DIAGNOSIS.md). The late steps' lower
+               w: the 1-step sample reproduces the teacher at w, the 4-step one a less saturated teacher sample,
+               nearer the data (on the toy: RESULTS.md, the --late-guidance section).
 
 Options over either preset: --chain-starts p (p = 1 in distill; 0: the recipe's noised-data starts, data noised
 at sigma_k pulled towards the teacher's solve from there) and --renoise fresh | initial (the sampler the chains
@@ -60,6 +63,10 @@ class FlashRecipe:
     shift: float = opt(3.0, "shift of the teacher grid and of the Flash sampler (SD3-medium scheduler_config.json)")
     guidance_min: float = opt(7.0, "teacher guidance w ~ U[min, max], one per batch ([Y] L16-17)")
     guidance_max: float = opt(13.0, "see --guidance-min")
+    late_guidance: float = opt(1.0, "factor on the drawn w for the targets of the Flash sampler's steps after the "
+                                    "first (chain step, or the nearest mode's step, j >= 1): the 1-step sample "
+                                    "reproduces the teacher at w, the n-step one at this times w (1: one w, the "
+                                    "recipe; distill: 0.75)")
     # The code's counter counts model forwards and advances twice per batch (G and D pass, [M] L236-240), so
     # its 5000 per phase are 2500 batches.
     phase_batches: tuple[int, ...] = opt((2500, 2500, 2500), "batches of phases 0, 1, 2 (the last phase runs on)")
@@ -137,6 +144,8 @@ class FlashRecipe:
             bad.append("--chain-steps all trains every chain step against one teacher solve: it needs --chain-starts 1 "
                        f"and --lambda-dmd / --lambda-adv 0 in every phase, got --chain-starts {self.chain_starts}, "
                        f"--lambda-dmd {self.lambda_dmd}, --lambda-adv {self.lambda_adv}")
+        if not 0 < self.late_guidance < math.inf:
+            bad.append(f"--late-guidance must be a finite factor > 0, got {self.late_guidance}")
         if not 0 < self.guidance_min <= self.guidance_max < math.inf:
             bad.append(f"--guidance-min {self.guidance_min} and --guidance-max {self.guidance_max} must be finite "
                        "with 0 < min <= max")
@@ -202,6 +211,11 @@ class FlashRecipe:
         modes = self.mode_indices()
         return min(range(len(modes)), key=lambda j: abs(modes[j] - k))
 
+    def step_guidance(self, w: float, j: int) -> float:
+        """The guidance of the target of sampler step j for the batch's drawn w: w at j = 0 (the 1-step
+        sampler's only step), late_guidance * w after it."""
+        return w if j == 0 else self.late_guidance * w
+
     def phase(self, step: int) -> int:
         """Phase (0-based) of batch `step` (0-based)."""
         ends = [sum(self.phase_batches[: i + 1]) for i in range(len(self.phase_batches))]
@@ -220,7 +234,7 @@ ZERO_WEIGHTS = (0.0, 0.0, 0.0, 0.0)
 PRESETS: dict[str, dict] = {
     "flash-sd3": {},
     "distill": {"lambda_adv": ZERO_WEIGHTS, "lambda_dmd": ZERO_WEIGHTS, "mixture_modes": "sampler", "target_steps": 16,
-                "chain_starts": 1.0, "renoise": "initial"},
+                "chain_starts": 1.0, "renoise": "initial", "late_guidance": 0.75},
 }
 RECIPES: dict[str, FlashRecipe] = {name: FlashRecipe(recipe=name, **values) for name, values in PRESETS.items()}
 

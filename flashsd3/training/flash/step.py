@@ -90,10 +90,10 @@ StartFn = Callable[["FlashModels", FlashRecipe, FlashBatch, int, StepRandom], St
 
 def noised_data_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int,
                       rnd: StepRandom) -> Start:
-    """The recipe's start ([M] L236-300): k ~ pi_phase and w ~ U[w_min, w_max] for the batch, then
-    `noised_data_start_at`."""
+    """The recipe's start ([M] L236-300): k ~ pi_phase and w ~ U[w_min, w_max] for the batch (times
+    --late-guidance where k's nearest mode is a later sampler step), then `noised_data_start_at`."""
     k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
-    return noised_data_start_at(models, recipe, batch, k, w, rnd)
+    return noised_data_start_at(models, recipe, batch, k, recipe.step_guidance(w, recipe.chain_step(k)), rnd)
 
 
 def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, k: int, w: float,
@@ -106,10 +106,10 @@ def noised_data_start_at(models: FlashModels, recipe: FlashRecipe, batch: FlashB
 
 
 def chain_start(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, phase: int, rnd: StepRandom) -> Start:
-    """A start on the student's own Flash sampler chain (option --chain-starts): k and w drawn as the recipe's,
-    then `chain_start_at`."""
+    """A start on the student's own Flash sampler chain (option --chain-starts): k and w drawn as the recipe's
+    (w times --late-guidance for a chain step after the first), then `chain_start_at`."""
     k, w = draw_start_index(recipe, phase, rnd.batch), draw_guidance(recipe, rnd.batch)
-    return chain_start_at(models, recipe, batch, k, w, rnd)
+    return chain_start_at(models, recipe, batch, k, recipe.step_guidance(w, recipe.chain_step(k)), rnd)
 
 
 def chain_noise(recipe: FlashRecipe, z: torch.Tensor, streams) -> torch.Tensor:
@@ -145,11 +145,19 @@ def chain_all_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
     the student's Flash sampler chain from z over every sampler step j (re-noise as chain_start_at), its x0 at
     each step regressed onto y, weighted by recipe.chain_step_weights(phase): the expectation of the drawn chain
     start's loss over its step. Steps whose mode weighs 0 in the phase (probability < 1e-31) only advance the
-    chain, without gradient. Returns (loss, the last step's x0, w)."""
+    chain, without gradient. With --late-guidance != 1 the steps after the first have their own solve, at
+    late_guidance * w (each solve only where a step it serves is trained). Returns (loss, the last step's x0, w)."""
     w = draw_guidance(recipe, rnd.batch)
     z = rnd.randn(batch.x0)
-    y = teacher_target(models.teacher, z, recipe.target_sigmas(0), batch.cond, batch.uncond, w)
     weights, trained = recipe.chain_step_weights(phase), recipe.mode_weights[phase]
+    solves = {}  # guidance -> the teacher's CFG solve from z, computed once on first use
+
+    def target(j: int) -> torch.Tensor:
+        g = recipe.step_guidance(w, j)
+        if g not in solves:
+            solves[g] = teacher_target(models.teacher, z, recipe.target_sigmas(0), batch.cond, batch.uncond, g)
+        return solves[g]
+
     sigmas = flash_sigmas(recipe.sampler_steps, recipe.shift)
     streams = rng.sample_generators(rnd.seed, rnd.step, rnd.pass_, CHAIN, ids=rnd.ids)
     x, loss = z, torch.zeros((), device=z.device)
@@ -157,7 +165,7 @@ def chain_all_loss(models: FlashModels, recipe: FlashRecipe, batch: FlashBatch, 
         with torch.set_grad_enabled(trained[j] > 0):
             x0_hat = student_x0(models.student, x, sigmas[j].expand(len(x)).clone(), batch.cond)
         if trained[j] > 0:
-            loss = loss + weights[j] * models.distill(x0_hat, y)
+            loss = loss + weights[j] * models.distill(x0_hat, target(j))
         if j + 1 < recipe.sampler_steps:
             e = chain_noise(recipe, z, streams)
             x = forward_process(x0_hat.detach().to(x.dtype), e, sigmas[j + 1].to(x.device))
