@@ -32,7 +32,7 @@ def test_presets_fields():
     changed = {k for k in FlashRecipe.__dataclass_fields__ if getattr(d, k) != getattr(FlashRecipe(), k)}
     assert changed == {"recipe", "lambda_adv", "lambda_dmd", "mixture_modes", "target_steps", "chain_starts", "renoise",
                        "late_guidance"}
-    assert d.late_guidance == 0.75
+    assert d.late_guidance == 0.8
     assert (d.lambda_adv, d.lambda_dmd, d.mixture_modes, d.target_steps) == (ZERO, ZERO, "sampler", 16)
     assert (d.chain_starts, d.renoise, d.sampler) == (1.0, "initial", "flash_initial")
     assert d.lambda_distill == (1.0,) * 4 and d.mode_weights == FlashRecipe().mode_weights  # the recipe's phases
@@ -109,7 +109,7 @@ def test_start_point_is_the_data_noised_at_the_drawn_index_and_its_target_the_cf
         start = noised_data_start(models, recipe, batch, phase, StepRandom(11, step, 0, batch.ids))
         again = StepRandom(11, step, 0, batch.ids)
         k, drawn = draw_start_index(recipe, phase, again.batch), draw_guidance(recipe, again.batch)
-        w = drawn if recipe.chain_step(k) == 0 else recipe.late_guidance * drawn  # distill: 0.75 w after step 0
+        w = drawn if recipe.chain_step(k) == 0 else recipe.late_guidance * drawn  # distill: 0.8 w after step 0
         s = recipe.grid()[k]
         assert (start.k, start.guidance) == (k, w)
         late.add(w != drawn)
@@ -126,8 +126,8 @@ def test_start_point_is_the_data_noised_at_the_drawn_index_and_its_target_the_cf
 
 def test_late_guidance_scales_the_targets_after_the_first_sampler_step():
     r = named_recipe("distill")
-    assert (r.late_guidance, FlashRecipe().late_guidance) == (0.75, 1.0)
-    assert [r.step_guidance(3.0, j) for j in range(4)] == [3.0, 2.25, 2.25, 2.25]
+    assert (r.late_guidance, FlashRecipe().late_guidance) == (0.8, 1.0)
+    assert [r.step_guidance(2.5, j) for j in range(4)] == [2.5, 2.0, 2.0, 2.0]
     assert [FlashRecipe().step_guidance(3.0, j) for j in range(4)] == [3.0] * 4  # one w: the released recipe
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match=f"--late-guidance must be a finite factor > 0, got {bad}"):
@@ -145,7 +145,7 @@ def test_a_stored_config_from_before_a_setting_existed_keeps_its_run(tmp_path):
     back = resumed_config(FlashConfig, old, {}, tmp_path)
     assert back.recipe == replace(cfg.recipe, chain_starts=0.0, renoise="fresh", late_guidance=1.0)
     assert config_differences(FlashConfig, back, old) == []
-    assert "--late-guidance 1.0 (this run: 0.75)" in config_differences(FlashConfig, cfg, old)
+    assert "--late-guidance 1.0 (this run: 0.8)" in config_differences(FlashConfig, cfg, old)
     assert resumed_config(FlashConfig, flat(cfg), {}, tmp_path).recipe == cfg.recipe  # stored values kept
 
 

@@ -189,6 +189,7 @@ def test_toy_script_smoke(tmp_path):
             row = results[f"{recipe}_seed0_{steps}step"]
             assert {"adherence", "fd_data", "fd_ref", "paired_l2", "mean_chroma"} <= set(row)
             assert row["nfe"] == steps and row["recipe"] == recipe
+            assert row["sampler"] == {"flash-sd3": "flash", "distill": "flash_initial"}[recipe]  # what sampled it
         assert (tmp_path / f"samples_{recipe}_seed0_4step.png").is_file()
     # flash-sd3 at student seed 0 is the `student` run: the same samples, not a second training
     assert results["flash-sd3_seed0_4step"]["fd_ref"] == results["student_4"]["fd_ref"]
@@ -247,16 +248,17 @@ def test_toy_recipe_runs_apply_preset_options_and_batches():
     # an option at the toy's batches keeps the base's phases; scripts/toy.py --lr-decay reaches it through the base
     assert data.flash.phase_batches == base.flash.phase_batches
     assert recipe_run(replace(base, lr_decay=True), "distill-data", 0).lr_decay
-    # distill-w1: the distill row with one w for every step, the preset's before --late-guidance 0.75; distill-t8:
+    # distill-w1: the distill row with one w for every step, the preset's before --late-guidance; distill-t8:
     # that row on the 8-step target grid, the preset's before 16 (the committed rows' runs)
     one_w = replace(d, flash=replace(d.flash, late_guidance=1.0))
-    assert recipe_run(base, "distill-w1", 1) == one_w and d.flash.late_guidance == 0.75
+    assert recipe_run(base, "distill-w1", 1) == one_w and d.flash.late_guidance == 0.8
     assert recipe_run(base, "distill-t8", 1) == replace(one_w, flash=replace(one_w.flash, target_steps=8))
     assert d.flash.target_steps == 16
-    for name in OPTIONS:  # every option was measured with one w and keeps it
-        assert recipe_run(base, name, 0).flash.late_guidance == 1.0, name
+    for name in OPTIONS:  # every option but distill-l75 was measured with one w and keeps it
+        assert recipe_run(base, name, 0).flash.late_guidance == (0.75 if name == "distill-l75" else 1.0), name
+    assert recipe_run(base, "distill-l75", 1) == replace(d, flash=replace(d.flash, late_guidance=0.75))
     for name in OPTIONS:  # the options measured on the 8-step grid keep it; the guidance ones are the preset's
-        on_preset_grid = name.startswith("distill-w") or name == "distill-all16"  # distill-w1 too
+        on_preset_grid = name.startswith(("distill-w", "distill-l")) or name == "distill-all16"  # distill-w1 too
         assert recipe_run(base, name, 0).flash.target_steps == (16 if on_preset_grid else 8), name
     every = recipe_run(base, "distill-all", 0)  # every chain step per row: a quarter of the rows per batch
     assert (every.flash.chain_steps, every.batch, every.steps, every.lr_decay) == ("all", 8, 800, True)

@@ -62,8 +62,8 @@ def test_evaluator_rows_carry_every_metric():
     with pytest.raises(ValueError, match="set_reference"):
         ev.score(ref, paired=True)
     ev.set_reference(ref)
-    key, row = ev.recipe_row(ref, recipe="distill", seed=1, steps=4)
-    assert key == "distill_seed1_4step" and set(ROW_METRICS) <= set(row)
+    key, row = ev.recipe_row(ref, recipe="distill", seed=1, steps=4, sampler="flash_initial")
+    assert key == "distill_seed1_4step" and set(ROW_METRICS) <= set(row) and row["sampler"] == "flash_initial"
     assert row["paired_l2"] == 0.0 and row["nfe"] == 4
     assert abs(row["fd_ref"]) < 1e-11  # float64 FD of a set to itself: sqrtm rounding, measured 1.5e-12
     assert row["mean_chroma"] == pytest.approx(mean_chroma(ref))

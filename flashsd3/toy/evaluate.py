@@ -219,12 +219,13 @@ class ToyEvaluator:
         out["num_samples"] = int(images.shape[0])
         return out
 
-    def recipe_row(self, images: torch.Tensor, *, recipe: str, seed: int, steps: int) -> tuple[str, dict]:
-        """(`row_key(recipe, seed, steps)`, the row) for a student's Flash-sampler images from the eval set's
-        noise: every metric of `score(paired=True)` plus what identifies the row."""
+    def recipe_row(self, images: torch.Tensor, *, recipe: str, seed: int, steps: int,
+                   sampler: str) -> tuple[str, dict]:
+        """(`row_key(recipe, seed, steps)`, the row) for a student's images from the eval set's noise by `sampler`
+        (flash, or flash_initial): every metric of `score(paired=True)` plus what identifies the row."""
         key = row_key(recipe, seed, steps)
         row = {**self.score(images, paired=True), "recipe": recipe, "seed": seed, "steps": steps, "nfe": steps,
-               "guidance": 0.0, "sampler": "flash"}
+               "guidance": 0.0, "sampler": sampler}
         return key, row
 
 

@@ -25,7 +25,7 @@ from ..rules import check_seed
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "device")
 
 # Settings added after runs were saved, each with the value that a stored configuration without it ran with. A
-# preset may set them otherwise today (distill: --chain-starts 1, --renoise initial, --late-guidance 0.75), so an
+# preset may set them otherwise today (distill: --chain-starts 1, --renoise initial, --late-guidance 0.8), so an
 # older config.json is read as the run it was (a resume, a checkpoint's check), not as today's preset.
 ADDED_SETTINGS = {"chain_starts": 0.0, "renoise": "fresh", "chain_steps": "drawn", "late_guidance": 1.0}
 

@@ -18,7 +18,7 @@ sizes, an experiment) are `dataclasses.replace(FlashRecipe(), ...)`; the named o
     distill    the distillation term only (no DMD, no GAN: neither is computed, nor the discriminator step), on
                chain starts: z, then the student's own Flash sampler steps from z up to the drawn mode (no grad),
                re-noising with z itself (--renoise initial), pulled towards the teacher's CFG solve from z on a
-               16-step grid, at the batch's w for the sampler's first step and 0.75 w for the later ones
+               16-step grid, at the batch's w for the sampler's first step and 0.8 w for the later ones
                (--late-guidance); the modes at the Flash sampler's sigmas with the recipe's phase weights. Sample its
                adapters with the `flash_initial` sampler (4 steps) or 1 Flash step. Why: the DMD term compares
                the teacher's CFG velocity with the student's own (conditional) one, and the teacher's CFG output is
@@ -66,7 +66,7 @@ class FlashRecipe:
     late_guidance: float = opt(1.0, "factor on the drawn w for the targets of the Flash sampler's steps after the "
                                     "first (chain step, or the nearest mode's step, j >= 1): the 1-step sample "
                                     "reproduces the teacher at w, the n-step one at this times w (1: one w, the "
-                                    "recipe; distill: 0.75)")
+                                    "recipe; distill: 0.8)")
     # The code's counter counts model forwards and advances twice per batch (G and D pass, [M] L236-240), so
     # its 5000 per phase are 2500 batches.
     phase_batches: tuple[int, ...] = opt((2500, 2500, 2500), "batches of phases 0, 1, 2 (the last phase runs on)")
@@ -234,7 +234,7 @@ ZERO_WEIGHTS = (0.0, 0.0, 0.0, 0.0)
 PRESETS: dict[str, dict] = {
     "flash-sd3": {},
     "distill": {"lambda_adv": ZERO_WEIGHTS, "lambda_dmd": ZERO_WEIGHTS, "mixture_modes": "sampler", "target_steps": 16,
-                "chain_starts": 1.0, "renoise": "initial", "late_guidance": 0.75},
+                "chain_starts": 1.0, "renoise": "initial", "late_guidance": 0.8},
 }
 RECIPES: dict[str, FlashRecipe] = {name: FlashRecipe(recipe=name, **values) for name, values in PRESETS.items()}
 
