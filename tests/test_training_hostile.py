@@ -213,6 +213,8 @@ def test_non_finite_training_stops_at_the_first_bad_step(demo_cache, tmp_path, c
     (["--teacher-steps", "-4"], "--teacher-steps"),
     (["--recipe", "distill", "--chain-steps", "all", "--chain-starts", "0.5"], "--chain-steps all"),
     (["--chain-steps", "all"], "--chain-steps all"),  # the released recipe: DMD and GAN on
+    (["--recipe", "distill", "--late-guidance", "0"], "--late-guidance must be a finite factor > 0, got 0.0"),
+    (["--late-guidance", "nan"], "--late-guidance must be a finite factor > 0, got nan"),
 ])
 def test_flash_settings_name_their_flag(flags, words, demo_cache, tmp_path, capsys):
     line = refused(capsys, "flash", demo_cache, tmp_path / "x", "--steps", 1, *flags)
