@@ -40,6 +40,7 @@ class Ranks:
         if self.world > 1:
             import torch.distributed as dist
 
+            bind_default_group_arguments_early()
             cuda = device.type == "cuda"
             dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
             self.started = True
@@ -101,9 +102,9 @@ class Ranks:
         return next(((r, e) for r, e in enumerate(self.gather(error)) if e is not None), None)
 
     def close(self, synchronize: bool = False) -> None:
-        """Leave the process group (idempotent). synchronize=True (only after a run that every rank
-        finished) waits for all ranks first: a rank closing its gloo sockets while a peer still talked
-        to it aborted that peer at exit ("terminate called without an active exception")."""
+        """Leave the process group (idempotent): its backend threads end here, before Python's finalization
+        (see WORLD_AT_IMPORT). synchronize=True (only after a run that every rank finished) waits for all
+        ranks first, so no rank leaves while a peer still waits on it."""
         if not self.started:
             return
         import torch.distributed as dist
@@ -113,6 +114,23 @@ class Ranks:
                 dist.barrier()
             dist.destroy_process_group()
         self.started = False
+
+
+# torch modules whose default arguments read `group.WORLD` when imported (`def all_reduce(..., group=group.WORLD)`).
+# Imported after init_process_group (transformers imports fsdp, fsdp imports torch.distributed.nn), they keep
+# the default group alive after destroy_process_group: its gloo threads then outlive Python's finalization and
+# one that frees a finished collective's tensors needs the GIL there, which aborts the process ("terminate called
+# without an active exception", exit -6, in roughly 1 torchrun run in 5 on a busy machine).
+WORLD_AT_IMPORT = ("torch.distributed.nn.functional", "torch.distributed.fsdp.sharded_grad_scaler",
+                   "torch.distributed.optim.zero_redundancy_optimizer")
+
+
+def bind_default_group_arguments_early() -> None:
+    """Import WORLD_AT_IMPORT while there is no default group, so their default arguments hold None."""
+    import importlib
+
+    for name in WORLD_AT_IMPORT:
+        importlib.import_module(name)
 
 
 DEVICES = "auto, cpu, cuda, cuda:N"

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,14 +93,3 @@ def checkpoint_state(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_torchrun(cmd: list, out: Path) -> subprocess.CompletedProcess:
-    """Run a torchrun command into `out`; retried once (from an empty `out`) on the known C++ teardown abort of
-    a CPU worker after its work is done ("terminate called without an active exception", see test_cli.py)."""
-    for _ in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        proc = run(cmd)
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            break
-    return proc
